@@ -1,0 +1,265 @@
+"""The `r1flow` command. User errors print one line per problem and exit 2; never a traceback."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from pipeline.config import STAGES, load_config
+from stages.common import UserError
+
+EXIT_USER_ERROR = 2
+
+
+def _table(rows: list[dict[str, Any]], columns: list[str] | None = None) -> str:
+    if not rows:
+        return "(none)"
+    columns = columns or list(dict.fromkeys(k for r in rows for k in r))
+    cells = [[_fmt(r.get(c, "")) for c in columns] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths)), "  ".join("-" * w for w in widths)]
+    lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths)) for row in cells]
+    return "\n".join(lines)
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.3f}"
+    return str(v)
+
+
+def _store(args):
+    from pipeline.store import Store  # noqa: PLC0415
+
+    loaded = load_config(args.config)
+    name, _ = loaded.get(args.pipeline)
+    return Store(loaded.storage_root(name))
+
+
+def _version_row(v) -> dict[str, Any]:
+    ev = v.metrics.get("eval", {})
+    return {"version": v.id, "stage": v.stage, "created": v.created[:19], "parents": ",".join(v.parents.values()),
+            "pass@1": ev.get("pass@1", "")}
+
+
+def cmd_validate(args) -> int:
+    loaded = load_config(args.file or args.config)
+    for name, pipe in loaded.pipelines.items():
+        mark = "*" if name == loaded.default else " "
+        print(f"{mark} {name}: {', '.join(pipe.enabled_stages())}  — {pipe.description}")
+    print(f"{loaded.path}: OK ({len(loaded.pipelines)} pipelines, default {loaded.default})")
+    return 0
+
+
+def _write_summary(path: str | None, rows: list[dict]) -> None:
+    if path:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(json.dumps(rows, indent=2))
+
+
+def cmd_stage(args) -> int:
+    from pipeline import flows  # noqa: PLC0415
+
+    loaded = load_config(args.config)
+    name, pipe = loaded.get(args.pipeline)
+    if args.downstream:
+        rows = flows.pipeline_flow(config_file=str(loaded.path), pipeline=name, start_at=args.name)
+    else:
+        rows = [flows.run_stage_flow(loaded, name, args.name, from_version=args.from_version, force=args.force)]
+    print(_table(rows))
+    _write_summary(args.summary_json, rows)
+    return 0
+
+
+def cmd_world(args) -> int:
+    args.name, args.downstream, args.from_version = "world", False, None
+    return cmd_stage(args)
+
+
+def cmd_run(args) -> int:
+    from pipeline import flows  # noqa: PLC0415
+
+    loaded = load_config(args.config)
+    name, _ = loaded.get(args.pipeline_name or args.pipeline)
+    start = time.monotonic()
+    try:
+        rows = flows.pipeline_flow(config_file=str(loaded.path), pipeline=name, force=args.force or [])
+    except flows.StageFailed as exc:
+        print(_table(exc.rows) if exc.rows else "(no stage finished)")
+        _write_summary(args.summary_json, exc.rows)
+        print(f"error: {exc}", file=sys.stderr)
+        print("completed stages stay registered; run `r1flow run` again to resume at the failed stage", file=sys.stderr)
+        return 1
+    print(_table(rows))
+    print(f"pipeline {name}: {len(rows)} stages in {time.monotonic() - start:.0f} s")
+    _write_summary(args.summary_json, rows)
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from stages.evaluate import evaluate  # noqa: PLC0415
+
+    loaded = load_config(args.config)
+    name, pipe = loaded.get(args.pipeline)
+    store = _store(args)
+    v = store.get(args.version)
+    if v is None:
+        raise UserError(f"version {args.version!r}: not found in {store.root}")
+    model = v.path / ("base_model" if v.stage == "world" else "model")
+    if not (model / "config.json").is_file():
+        raise UserError(f"version {v.id}: has no model to evaluate ({model})")
+    world = v.path if v.stage == "world" else (store.get(v.parents["world"]).path if "world" in v.parents else None)
+    result = evaluate(str(model), pipe.eval, world)
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        print(_table([{k: val for k, val in result.items() if not isinstance(val, (list, dict))}]))
+    return 0
+
+
+def cmd_ls(args) -> int:
+    if args.stage and args.stage not in STAGES:
+        raise UserError(f"--stage {args.stage!r}: expected one of {', '.join(STAGES)}")
+    versions = _store(args).list(args.stage)
+    if args.json:
+        print(json.dumps([{"id": v.id, "stage": v.stage, "path": str(v.path), "created": v.created,
+                           "parents": v.parents, "metrics": v.metrics} for v in versions], indent=2))
+    else:
+        print(_table([_version_row(v) for v in versions]))
+    return 0
+
+
+def _get(store, vid):
+    v = store.get(vid)
+    if v is None:
+        raise UserError(f"version {vid!r}: not found in {store.root}")
+    return v
+
+
+def cmd_show(args) -> int:
+    v = _get(_store(args), args.version)
+    if args.json:
+        print(json.dumps({**v.manifest, "path": str(v.path)}, indent=2))
+        return 0
+    m = v.manifest
+    print(f"{v.id}  ({v.stage})\npath:    {v.path}\ncreated: {v.created}\nparents: {v.parents or '-'}")
+    print(f"code:    {m.get('code_version')}  r1flow {m.get('r1flow_version')}")
+    ev = v.metrics.get("eval")
+    if ev:
+        print("eval:    " + ", ".join(f"{k}={_fmt(val)}" for k, val in ev.items() if not isinstance(val, (list, dict))))
+    print(f"files:   {len(m.get('files', {}))} ({sum(f['size'] for f in m.get('files', {}).values()) / 1e6:.1f} MB)")
+    return 0
+
+
+def cmd_lineage(args) -> int:
+    store = _store(args)
+    v = _get(store, args.version)
+    lin = store.lineage(v.id)
+    for label, items in (("ancestors", lin["ancestors"]), ("descendants", lin["descendants"])):
+        print(f"{label}:")
+        for a in items:
+            print(f"  {a.id}  ({a.stage})")
+        if not items:
+            print("  (none)")
+    return 0
+
+
+def cmd_verify(args) -> int:
+    store = _store(args)
+    if args.version:
+        _get(store, args.version)
+    problems = store.verify(args.version)
+    for p in problems:
+        print(p)
+    n = 1 if args.version else len(store.list())
+    print(f"{n} version(s) checked: {'OK' if not problems else f'{len(problems)} problem(s)'}")
+    return 1 if problems else 0
+
+
+def cmd_ui(args) -> int:
+    from pipeline import ui  # noqa: PLC0415
+
+    return ui.main(port=args.port) or 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="r1flow", description="Run the DeepSeek-R1 post-training recipe as Prefect flows.")
+    p.add_argument("--config", "-c", default=None, help="flows file (default: $R1FLOW_CONFIG or ./flows.yaml)")
+    p.add_argument("--pipeline", "-p", default=None, help="pipeline name (default: the file's `default`)")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    s = sub.add_parser("validate", help="check a flows file; one line per problem, exit 2 if any")
+    s.add_argument("file", nargs="?", default=None)
+    s.set_defaults(func=cmd_validate)
+
+    def stage_opts(s):
+        s.add_argument("--force", action="store_true", help="re-run even if a cached version exists")
+        s.add_argument("--summary-json", default=None, metavar="PATH", help="write per-stage results as JSON")
+
+    s = sub.add_parser("world", help="build (or reuse) the tiny synthetic world")
+    stage_opts(s)
+    s.set_defaults(func=cmd_world)
+
+    s = sub.add_parser("stage", help="run one stage (reusing upstream versions)")
+    s.add_argument("name", choices=STAGES)
+    s.add_argument("--from", dest="from_version", default=None, metavar="VERSION", help="upstream version (default: latest)")
+    s.add_argument("--downstream", action="store_true", help="re-run this stage and every stage after it")
+    stage_opts(s)
+    s.set_defaults(func=cmd_stage)
+
+    s = sub.add_parser("run", help="run the whole pipeline, reusing cached stages")
+    s.add_argument("pipeline_name", nargs="?", default=None, metavar="PIPELINE")
+    s.add_argument("--force", nargs="*", choices=STAGES, help="stages to re-run even if cached")
+    s.add_argument("--summary-json", default=None, metavar="PATH")
+    s.set_defaults(func=cmd_run)
+
+    s = sub.add_parser("eval", help="evaluate a version's model on the held-out prompts")
+    s.add_argument("version")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_eval)
+
+    s = sub.add_parser("ls", help="list versions")
+    s.add_argument("--stage", default=None)
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_ls)
+
+    s = sub.add_parser("show", help="show one version's manifest")
+    s.add_argument("version")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_show)
+
+    s = sub.add_parser("lineage", help="ancestors and descendants of a version")
+    s.add_argument("version")
+    s.set_defaults(func=cmd_lineage)
+
+    s = sub.add_parser("verify", help="re-hash versions' files; report corrupted or missing ones")
+    s.add_argument("version", nargs="?", default=None)
+    s.set_defaults(func=cmd_verify)
+
+    s = sub.add_parser("ui", help="start a local Prefect server with the UI (127.0.0.1)")
+    s.add_argument("--port", type=int, default=4200)
+    s.set_defaults(func=cmd_ui)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "r1flow")
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except UserError as exc:
+        for line in exc.problems:
+            print(f"error: {line}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,190 @@
+"""`flows.yaml`: pydantic models for pipelines, and loading with one-line-per-problem errors.
+
+A file holds named pipelines (`pipelines:`) and the default one (`default:`). Each stage's settings
+are the `Config` class of its module in `stages/` (every field documented there); this module only
+composes them. Unknown keys anywhere are errors, so typos never pass silently."""
+
+from __future__ import annotations
+
+import importlib
+import os
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, model_validator
+
+from stages.common import UserError
+
+# CLI stage name -> module in stages/. Order is pipeline order.
+STAGE_MODULES: dict[str, str] = {
+    "world": "stages.world",
+    "cold-start": "stages.cold_start_sft",
+    "reasoning-rl": "stages.reasoning_rl",
+    "rejection-sft": "stages.rejection_sft",
+    "preference-rl": "stages.preference_rl",
+}
+STAGES = list(STAGE_MODULES)
+TRAINING_STAGES = STAGES[1:]
+DEFAULT_CONFIG_FILE = "flows.yaml"
+
+
+def stage_module(stage: str):
+    return importlib.import_module(STAGE_MODULES[stage])
+
+
+def _field_name(stage: str) -> str:
+    return stage.replace("-", "_")
+
+
+@lru_cache(maxsize=1)
+def stages_model() -> type[BaseModel]:
+    """`stages:` mapping: one optional block per training stage, keyed by its CLI name."""
+    fields: dict[str, Any] = {
+        _field_name(s): (stage_module(s).Config | None, Field(None, alias=s, description=f"settings of `{s}`"))
+        for s in TRAINING_STAGES
+    }
+    return create_model(
+        "StagesConfig", __config__=ConfigDict(extra="forbid", populate_by_name=True), **fields
+    )
+
+
+class OrchestrationConfig(BaseModel):
+    """How Prefect runs the stages."""
+
+    model_config = ConfigDict(extra="forbid")
+    retries: dict[Literal["world", "cold-start", "reasoning-rl", "rejection-sft", "preference-rl"], int] = Field(
+        default_factory=dict, description="Prefect retries per stage for transient failures (e.g. {rejection-sft: 1})"
+    )
+    retry_delay_seconds: float = Field(10.0, ge=0, description="wait between retries")
+
+    @model_validator(mode="after")
+    def _non_negative(self):
+        bad = [f"retries.{k}: must be >= 0 (got {v})" for k, v in self.retries.items() if v < 0]
+        if bad:
+            raise ValueError("; ".join(bad))
+        return self
+
+
+@lru_cache(maxsize=1)
+def pipeline_model() -> type[BaseModel]:
+    from stages import evaluate, world  # noqa: PLC0415
+
+    class PipelineConfig(BaseModel):
+        """One pipeline: where it starts, each stage's settings, where versions are stored."""
+
+        model_config = ConfigDict(extra="forbid")
+        description: str = Field("", description="one line shown by `r1flow validate`")
+        device: Literal["cpu", "cuda"] = Field("cpu", description="where training and generation run")
+        seed: int = Field(0, description="seed for every stage (data order, sampling, init)")
+        storage_root: str = Field(
+            "runs/{pipeline}", description="version store root; relative paths are relative to the config file"
+        )
+        base_model: str = Field(
+            "world:base_model", description="`world:base_model` (tiny world), a local model folder, or a hub id"
+        )
+        trust_remote_code: bool = Field(False, description="allow models' own Python code; off unless you trust it")
+        world: world.Config | None = Field(None, description="build the tiny synthetic world (CPU pipelines)")
+        eval: evaluate.Config = Field(default_factory=evaluate.Config, description="held-out evaluation after every stage")
+        stages: stages_model() = Field(..., description="per-stage settings; a missing block means the stage is skipped")  # type: ignore[valid-type]
+        orchestration: OrchestrationConfig = Field(default_factory=OrchestrationConfig)
+
+        @model_validator(mode="after")
+        def _world_refs(self):
+            uses_world = self.base_model.startswith("world:")
+            if uses_world and self.world is None:
+                raise ValueError("base_model: refers to the tiny world (`world:`), but the pipeline has no `world:` block")
+            return self
+
+        def stage_config(self, stage: str):
+            if stage == "world":
+                return self.world
+            return getattr(self.stages, _field_name(stage))
+
+        def enabled_stages(self) -> list[str]:
+            return [s for s in STAGES if self.stage_config(s) is not None]
+
+    return PipelineConfig
+
+
+class FlowsFile(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    default: str
+    pipelines: dict[str, Any]
+
+
+def _format_loc(loc: tuple) -> str:
+    return ".".join(str(p) for p in loc) or "(top level)"
+
+
+def _format_error(prefix: str, err: dict) -> str:
+    loc = _format_loc((*prefix, *err["loc"]) if prefix else err["loc"])
+    kind, msg = err["type"], err["msg"]
+    if kind == "extra_forbidden":
+        return f"{loc}: unknown key"
+    if kind == "missing":
+        return f"{loc}: required key is missing"
+    if msg.startswith("Value error, "):
+        msg = msg[len("Value error, "):]
+    got = err.get("input")
+    if kind not in ("value_error",) and not isinstance(got, (dict, list)):
+        msg = f"{msg} (got {got!r})"
+    return f"{loc}: {msg}"
+
+
+def validation_problems(exc: ValidationError, prefix: tuple = ()) -> list[str]:
+    lines = []
+    for err in exc.errors():
+        # a validator may pack several problems into one error, separated by "; "
+        head, _, rest = _format_error(prefix, err).partition(": ")
+        lines += [f"{head}: {part}" for part in rest.split("; ")]
+    return lines
+
+
+class Loaded:
+    """A validated flows.yaml: the file's path and its pipelines."""
+
+    def __init__(self, path: Path, default: str, pipelines: dict[str, BaseModel]):
+        self.path, self.default, self.pipelines = path, default, pipelines
+
+    def get(self, name: str | None):
+        name = name or self.default
+        if name not in self.pipelines:
+            raise UserError(f"--pipeline {name!r}: not in {self.path} (has: {', '.join(self.pipelines)})")
+        return name, self.pipelines[name]
+
+    def storage_root(self, name: str) -> Path:
+        root = Path(os.path.expanduser(self.pipelines[name].storage_root.format(pipeline=name)))
+        return root if root.is_absolute() else (self.path.parent / root).resolve()
+
+
+def load_config(path: str | Path | None = None) -> Loaded:
+    """Read and validate a flows file. Every problem becomes one line of a UserError."""
+    path = Path(path or os.environ.get("R1FLOW_CONFIG", DEFAULT_CONFIG_FILE))
+    if not path.is_file():
+        raise UserError(f"{path}: config file not found")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+        raise UserError(f"{where}: not valid YAML ({getattr(exc, 'problem', exc)})") from None
+    if not isinstance(raw, dict):
+        raise UserError(f"{path}: expected a mapping with `default` and `pipelines`")
+    try:
+        top = FlowsFile.model_validate(raw)
+    except ValidationError as exc:
+        raise UserError(*(f"{path}: {p}" for p in validation_problems(exc))) from None
+    problems, pipelines = [], {}
+    model = pipeline_model()
+    for name, body in top.pipelines.items():
+        try:
+            pipelines[name] = model.model_validate(body if body is not None else {})
+        except ValidationError as exc:
+            problems += [f"{path}: {p}" for p in validation_problems(exc, ("pipelines", name))]
+    if top.default not in top.pipelines:
+        problems.append(f"{path}: default: {top.default!r} is not one of the pipelines ({', '.join(top.pipelines)})")
+    if problems:
+        raise UserError(*problems)
+    return Loaded(path.resolve(), top.default, pipelines)
