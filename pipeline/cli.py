@@ -107,9 +107,7 @@ def cmd_eval(args) -> int:
     loaded = load_config(args.config)
     name, pipe = loaded.get(args.pipeline)
     store = _store(args)
-    v = store.get(args.version)
-    if v is None:
-        raise UserError(f"version {args.version!r}: not found in {store.root}")
+    v = store.require(args.version)
     model = v.path / ("base_model" if v.stage == "world" else "model")
     if not (model / "config.json").is_file():
         raise UserError(f"version {v.id}: has no model to evaluate ({model})")
@@ -135,10 +133,7 @@ def cmd_ls(args) -> int:
 
 
 def _get(store, vid):
-    v = store.get(vid)
-    if v is None:
-        raise UserError(f"version {vid!r}: not found in {store.root}")
-    return v
+    return store.require(vid)
 
 
 def cmd_show(args) -> int:
@@ -176,8 +171,8 @@ def cmd_verify(args) -> int:
     problems = store.verify(args.version)
     for p in problems:
         print(p)
-    n = 1 if args.version else len(store.list())
-    print(f"{n} version(s) checked: {'OK' if not problems else f'{len(problems)} problem(s)'}")
+    what = args.version or f"all versions in {store.root}"
+    print(f"verified {what}: {'OK' if not problems else f'{len(problems)} problem(s)'}")
     return 1 if problems else 0
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import tempfile
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -27,7 +28,8 @@ UPSTREAM: dict[str, list[str]] = {
     "cold-start": ["world"],
     "reasoning-rl": ["world", "cold-start"],
     "rejection-sft": ["world", "reasoning-rl"],
-    "preference-rl": ["world", "rejection-sft"],
+    "reward-model": ["world"],
+    "preference-rl": ["world", "rejection-sft", "reward-model"],
 }
 # Source files whose content is part of each stage's version id (the "code version").
 CODE_DEPS: dict[str, list[str]] = {
@@ -35,8 +37,12 @@ CODE_DEPS: dict[str, list[str]] = {
     "cold-start": ["cold_start_sft", "data", "common"],
     "reasoning-rl": ["reasoning_rl", "rewards", "monitor", "data", "common"],
     "rejection-sft": ["rejection_sft", "generation", "filters", "judge", "rewards", "data", "common"],
-    "preference-rl": ["preference_rl", "rewards", "monitor", "generation", "data", "common"],
+    "reward-model": ["reward_model", "data", "common"],
+    "preference-rl": ["preference_rl", "reward_model", "rewards", "monitor", "generation", "data", "common"],
 }
+# Stages whose output is a generative model evaluated on the held-out prompts (world: its base model).
+EVALUATED = {"world": "base_model", "cold-start": "model", "reasoning-rl": "model", "rejection-sft": "model",
+             "preference-rl": "model"}
 STAGES_DIR = Path(__file__).resolve().parent.parent / "stages"
 SUMMARY_KEYS = ("pass@1", "greedy_accuracy", "format_rate", "mean_completion_tokens", "rm_score")
 
@@ -68,9 +74,7 @@ def resolve_upstream(store: Store, pipe, stage: str, given: dict[str, str] | Non
     needed = [s for s in UPSTREAM[stage] if s in pipe.enabled_stages()]
     chosen: dict[str, str] = dict(given or {})
     if from_id:
-        v = store.get(from_id)
-        if v is None:
-            raise UserError(f"--from {from_id}: no such version in {store.root}")
+        v = store.require(from_id)
         if v.stage not in needed:
             raise UserError(f"--from {from_id}: is a {v.stage} version; {stage} starts from: {', '.join(needed) or 'nothing'}")
         chosen[v.stage] = v.id
@@ -87,7 +91,9 @@ def resolve_upstream(store: Store, pipe, stage: str, given: dict[str, str] | Non
 
 
 def _eval_model_dir(stage: str, out_dir: Path) -> Path | None:
-    path = out_dir / ("base_model" if stage == "world" else "model")
+    if stage not in EVALUATED:
+        return None
+    path = out_dir / EVALUATED[stage]
     return path if (path / "config.json").is_file() else None
 
 
@@ -122,7 +128,7 @@ def execute_stage(loaded: Loaded, pipeline: str, stage: str, upstream: dict[str,
     with store.create(stage, ident, parents, code, info={"pipeline": pipeline}) as pending:
         ctx = StageContext(
             out_dir=pending.path, work_dir=store.work_dir(vid),
-            inputs={s: store.get(v).path for s, v in parents.items()},
+            inputs={s: store.require(v).path for s, v in parents.items()},
             pipeline=pipe, seed=pipe.seed, device=pipe.device, version_id=vid, parents=parents,
             **({"reporter": reporter} if reporter else {}),
         )
@@ -139,10 +145,47 @@ def execute_stage(loaded: Loaded, pipeline: str, stage: str, upstream: dict[str,
         pending.metrics["seconds"] = round(time.monotonic() - start, 1)
     version = store.get(vid)
     if reporter is not None:
-        from pipeline.reporting import publish_stage_report  # noqa: PLC0415
-
         publish_stage_report(reporter, store, version)
     return _summary_row(stage, version, False, time.monotonic() - start)
+
+
+CURVE_KEYS = ("loss", "reward", "kl", "completions/mean_length", "rewards/accuracy_reward/mean",
+              "rewards/format_reward/mean", "eval_loss", "learning_rate")
+
+
+def publish_stage_report(reporter, store: Store, version: Version) -> None:
+    """The Prefect artifacts every stage run shows: eval table, metrics table and curves, a summary
+    with sample completions, lineage, and a link to the version folder."""
+    from pipeline.reporting import lineage_markdown, link_to_folder, plot_curves  # noqa: PLC0415
+
+    metrics = version.metrics
+    ev = {k: v for k, v in metrics.get("eval", {}).items() if not isinstance(v, (list, dict))}
+    if ev:
+        reporter.table("eval", [ev], description=f"held-out evaluation of {version.id}")
+    history = [r for r in metrics.get("history", []) if isinstance(r, dict)]
+    if history:
+        step = max(1, len(history) // 200)
+        reporter.table("metrics", history[::step], description=f"training log of {version.id}")
+        keys = [k for k in CURVE_KEYS if any(k in r for r in history)]
+        if keys:
+            png = plot_curves(history, keys, Path(tempfile.mkdtemp(prefix="r1flow-curves-")) / "curves.png")
+            reporter.image("curves", png, description=f"training curves of {version.id}")
+    lines = [f"# {version.stage}: `{version.id}`", "",
+             f"- folder: `{version.path}`", f"- parents: {', '.join(f'`{p}`' for p in version.parents.values()) or '-'}",
+             f"- seconds: {metrics.get('seconds', '?')}"]
+    lines += [f"- {k}: {v:.3f}" if isinstance(v, float) else f"- {k}: {v}" for k, v in ev.items()]
+    samples = metrics.get("eval", {}).get("samples", [])[:4]
+    if samples:
+        lines += ["", "## Sample completions (held-out)"]
+        for smp in samples:
+            lines += ["", f"**prompt** {str(smp.get('prompt'))[:300]}", "",
+                      "```", str(smp.get("completion"))[:800], "```",
+                      f"gold `{smp.get('answer')}` — correct: {smp.get('correct')}"]
+    reporter.markdown("summary", "\n".join(lines), description=f"{version.stage} {version.id}")
+    lin = store.lineage(version.id)
+    reporter.markdown("lineage", lineage_markdown(version, lin["ancestors"], lin["descendants"]),
+                      description="versions consumed and produced")
+    reporter.link("checkpoint", link_to_folder(version.path), description=f"folder of {version.id}")
 
 
 def _prefect_reporter(pipeline: str, stage: str):
