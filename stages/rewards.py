@@ -27,7 +27,7 @@ import threading
 import unicodedata
 from typing import Any, Callable
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, field_validator
 
 from stages.common import StageConfig, UserError
 

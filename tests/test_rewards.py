@@ -1,6 +1,7 @@
 """Rule rewards: a table of tricky cases, TRL's calling convention, and config validation."""
 
 import functools
+import pickle
 import threading
 
 import pytest
@@ -233,7 +234,8 @@ def test_build_reward_funcs_binds_options_and_names():
     funcs, weights = build_reward_funcs(cfg)
     assert weights == [2.0, 0.5, 1.0]
     assert [f.__name__ for f in funcs] == ["accuracy_reward", "language_consistency_reward", "length_penalty"]
-    assert all(isinstance(f, functools.partial) for f in funcs)  # picklable, TRL unwraps the name
+    assert all(isinstance(f, functools.partial) for f in funcs)  # TRL unwraps partials for the name
+    assert pickle.loads(pickle.dumps(funcs))[0](["<answer>5</answer>"], answer=["5"]) == [1.0]  # for workers
     accuracy, language, length = funcs
     assert accuracy(["<answer>4</answer>"], answer=["5"]) == [-1.0]
     assert language(["<think>我们 add</think>"]) == [pytest.approx(2 / 3)]  # config default: zh
