@@ -23,6 +23,7 @@ STAGE_MODULES: dict[str, str] = {
     "cold-start": "stages.cold_start_sft",
     "reasoning-rl": "stages.reasoning_rl",
     "rejection-sft": "stages.rejection_sft",
+    "reward-model": "stages.reward_model",  # sub-step of stage 4 (skipped when a reward model is named)
     "preference-rl": "stages.preference_rl",
 }
 STAGES = list(STAGE_MODULES)
@@ -54,7 +55,7 @@ class OrchestrationConfig(BaseModel):
     """How Prefect runs the stages."""
 
     model_config = ConfigDict(extra="forbid")
-    retries: dict[Literal["world", "cold-start", "reasoning-rl", "rejection-sft", "preference-rl"], int] = Field(
+    retries: dict[str, int] = Field(
         default_factory=dict, description="Prefect retries per stage for transient failures (e.g. {rejection-sft: 1})"
     )
     retry_delay_seconds: float = Field(10.0, ge=0, description="wait between retries")
@@ -62,6 +63,7 @@ class OrchestrationConfig(BaseModel):
     @model_validator(mode="after")
     def _non_negative(self):
         bad = [f"retries.{k}: must be >= 0 (got {v})" for k, v in self.retries.items() if v < 0]
+        bad += [f"retries.{k}: unknown stage (expected one of {', '.join(STAGES)})" for k in self.retries if k not in STAGES]
         if bad:
             raise ValueError("; ".join(bad))
         return self

@@ -1,0 +1,1 @@
+"""r1flow orchestration: config, versioned store, Prefect flows, UI reporting, CLI."""
