@@ -1,0 +1,408 @@
+"""The Prefect UI shows what a pipeline run reports.
+
+A real `prefect server` (UI on, localhost, throwaway PREFECT_HOME) runs for this module; a stand-in
+pipeline flow with one nested subflow per stage reports through `PrefectReporter`; headless
+Debian Chromium, driven by Playwright, opens the runs' pages and reads the artifacts a person
+would see. The "run something" part (`run_stand_in_pipeline`) and the "look in the browser" part
+(`find_artifacts_in_ui`, `open_artifact`) are separate so the stand-in can be swapped for the real
+tiny pipeline. Browser: `scripts/install_browser.sh` (Debian's chromium); never `playwright install`.
+
+The first part of the file holds fast unit tests of `pipeline.reporting`'s pure helpers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+from pipeline import reporting, ui
+from pipeline.reporting import (
+    PrefectReporter,
+    artifact_key,
+    clean_rows,
+    lineage_markdown,
+    link_to_folder,
+    plot_curves,
+    redact,
+    summary_table,
+)
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+STAGES = ["world", "cold-start", "reasoning-rl", "rejection-sft", "preference-rl"]
+PIPELINE = "tiny"
+
+
+# ---------------------------------------------------------------- pure helpers (fast)
+
+@pytest.mark.parametrize("parts, expected", [
+    (("tiny", "cold-start", "metrics"), "tiny-cold-start-metrics"),
+    (("Tiny", "reasoning_rl", "eval"), "tiny-reasoning-rl-eval"),
+    (("my pipeline", "stage 3", "funnel"), "my-pipeline-stage-3-funnel"),
+    (("a--b", "-c-", "d"), "a-b-c-d"),
+    (("GPU.Recipe", "preference/rl", "pass@1"), "gpu-recipe-preference-rl-pass-1"),
+    (("ünïcode", "x", "y"), "n-code-x-y"),
+    (("", "stage", "key"), "stage-key"),
+    (("UPPER", "CASE", "KEY"), "upper-case-key"),
+])
+def test_artifact_key(parts, expected):
+    key = artifact_key(*parts)
+    assert key == expected
+    assert re.fullmatch(r"[a-z0-9-]*", key)
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("token hf_abcdefghijklmnopqrstuvwxyz123 here", "token *** here"),
+    ("key sk-ABCDEFGHIJKLMNOPQRSTUVWX", "key ***"),
+    ("ghp_ABCDEFGHIJKLMNOPQRSTUVWXYZ0123", "***"),
+    ("pass@1 = 0.5, hf_short", "pass@1 = 0.5, hf_short"),
+    ("nothing secret", "nothing secret"),
+])
+def test_redact(text, expected):
+    assert redact(text) == expected
+
+
+def test_clean_rows_aligns_columns_and_cleans_cells():
+    class Scalar:  # stands in for a numpy/torch scalar
+        def item(self):
+            return 0.123456789
+
+    rows = clean_rows([
+        {"stage": "a", "loss": 0.123456789, "path": Path("/x/y")},
+        {"stage": "b", "reward": Scalar(), "hf_token": "hf_abcdefghijklmnopqrstuvwxyz",
+         "nan": float("nan")},
+    ])
+    assert [list(r) for r in rows] == [["stage", "loss", "path", "reward", "hf_token", "nan"]] * 2
+    assert rows[0] == {"stage": "a", "loss": 0.1235, "path": "/x/y", "reward": None,
+                       "hf_token": None, "nan": None}
+    assert rows[1]["reward"] == 0.1235 and rows[1]["hf_token"] == "***" and rows[1]["nan"] is None
+
+
+@pytest.mark.parametrize("row, expected", [
+    ({"stage": "cold-start", "version": "cold-start-abc", "cached": False, "seconds": 12.345,
+      "metrics": {"pass@1": 0.25}},
+     {"stage": "cold-start", "version": "cold-start-abc", "cached": False, "seconds": 12.3,
+      "pass@1": 0.25}),
+    ({"seconds": 3, "stage": "world", "version": "world-1", "cached": True, "n_train": 100},
+     {"stage": "world", "version": "world-1", "cached": True, "seconds": 3.0, "n_train": 100}),
+    ({"stage": "x"}, {"stage": "x", "version": None, "cached": None, "seconds": None}),
+])
+def test_summary_table_row(row, expected):
+    assert summary_table([row]) == [expected]
+    assert list(summary_table([row])[0])[:4] == ["stage", "version", "cached", "seconds"]
+
+
+def test_summary_table_union_of_metric_columns():
+    rows = summary_table([{"stage": "a", "metrics": {"pass@1": 0.1}},
+                          {"stage": "b", "metrics": {"win_rate": 0.6}}])
+    assert rows[0]["win_rate"] is None and rows[1]["pass@1"] is None
+
+
+@pytest.mark.parametrize("parents, children, present, absent", [
+    ({"world": "world-aaa", "cold-start": "cold-start-bbb"}, ["rejection-sft-ccc"],
+     ["world: `world-aaa`", "cold-start: `cold-start-bbb`", "- `rejection-sft-ccc`"], ["- none"]),
+    ([], None, ["- none"], ["world"]),
+    (["world-aaa"], {"preference-rl": "preference-rl-ddd"},
+     ["- `world-aaa`", "preference-rl: `preference-rl-ddd`"], ["- none"]),
+])
+def test_lineage_markdown(parents, children, present, absent):
+    text = lineage_markdown("reasoning-rl-123", parents, children)
+    assert text.startswith("**Version** `reasoning-rl-123`")
+    assert "r1flow lineage reasoning-rl-123" in text
+    for s in present:
+        assert s in text
+    for s in absent:
+        assert s not in text
+
+
+@pytest.mark.parametrize("path", ["/tmp/a b/c", "relative/dir", "~/x"])
+def test_link_to_folder(path):
+    uri = link_to_folder(path)
+    assert uri.startswith("file:///")
+    assert " " not in uri
+    assert Path(path).expanduser().resolve().as_uri() == uri
+
+
+def test_plot_curves(tmp_path):
+    history = [{"step": s, "loss": 2.0 / (s + 1), "reward": s / 10} for s in range(1, 30)]
+    history.append({"train_runtime": 3.0})  # trainer summary row without the keys
+    out = plot_curves(history, ["loss", "reward", "absent"], tmp_path / "sub" / "c.png")
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    from PIL import Image
+    with Image.open(out) as im:  # two subplots (absent key left out) -> taller than wide / 2
+        two = im.size
+    one = plot_curves(history, ["loss"], tmp_path / "one.png")
+    with Image.open(one) as im:
+        assert im.size[1] < two[1]
+    empty = plot_curves([], ["loss"], tmp_path / "empty.png")
+    assert empty.stat().st_size > 0
+
+
+def test_reporter_outside_a_run_is_a_no_op(tmp_path):
+    png = plot_curves([{"step": 1, "loss": 1.0}], ["loss"], tmp_path / "c.png")
+    r = PrefectReporter(PIPELINE, "cold-start")
+    start = time.monotonic()
+    r.progress(0.5, "half")
+    r.table("metrics", [{"loss": 1.0}])
+    r.markdown("summary", "text")
+    r.link("checkpoint", str(tmp_path))
+    r.image("curves", png)
+    r.warning("reward-hacking", "suspicious")
+    assert time.monotonic() - start < 2  # no temporary server was started
+    assert r._progress_id is None
+    assert r.key("Pass@1 Table") == "tiny-cold-start-pass-1-table"
+
+
+# ---------------------------------------------------------------- server + stand-in pipeline
+
+def _require_browser() -> None:
+    """Skip without a browser, except under CI, where a missing browser is a failure."""
+    problems = []
+    if not Path(CHROMIUM).exists():
+        problems.append(f"{CHROMIUM} missing (run scripts/install_browser.sh)")
+    try:
+        import playwright.sync_api  # noqa: F401
+    except ImportError:
+        problems.append("python package playwright missing (pip install -e '.[test]')")
+    if problems:
+        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+            pytest.fail("browser test under CI: " + "; ".join(problems))
+        pytest.skip("; ".join(problems))
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """A real `prefect server` with the UI on a free localhost port; yields the port."""
+    home = tmp_path_factory.mktemp("prefect-home")
+    port = ui.free_port()
+    proc = ui.start_server(port=port, home=home)
+    try:
+        yield port
+    finally:
+        ui.stop_server(proc)
+        assert proc.poll() is not None
+
+
+def run_stand_in_pipeline(port: int, png: Path, cached: bool = False) -> tuple[str, dict[str, str]]:
+    """Run a stand-in for the tiny pipeline against the server on `port`: a `pipeline` flow with one
+    nested subflow per stage reporting through `PrefectReporter`. Returns the pipeline's flow run
+    id and each stage's flow run id."""
+    from prefect import flow
+    from prefect.runtime import flow_run
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    @flow(name="stage", flow_run_name="{name}")
+    def stage(name: str) -> dict:
+        start = time.monotonic()
+        r = PrefectReporter(PIPELINE, name)
+        for i in range(11):
+            r.progress(i / 10, f"step {i}/10")
+        r.table("metrics", [{"step": s, "loss": 1.0 / s} for s in (1, 2, 3)], "training metrics")
+        r.markdown("summary", f"## {name}\n\nSample completion:\n\n"
+                              "```\n<think>2+2 is 4</think><answer>4</answer>\n```",
+                   "summary with sample completions")
+        if name == "rejection-sft":
+            r.table("funnel", [{"filter": "generated", "kept": 64}, {"filter": "format", "kept": 51},
+                               {"filter": "correct", "kept": 30}, {"filter": "dedup", "kept": 27}],
+                    "rejection funnel")
+        if name == "reasoning-rl":
+            r.image("curves", png, "reward and loss curves")
+        return {"stage": name, "version": f"{name}-0123456789ab", "cached": cached,
+                "seconds": time.monotonic() - start, "metrics": {"pass@1": 0.25},
+                "flow_run_id": str(flow_run.id)}
+
+    @flow(name="pipeline")
+    def pipeline() -> list[dict]:
+        results = [stage(name) for name in STAGES]
+        r = PrefectReporter(PIPELINE, "pipeline")
+        r.table("summary", summary_table([{k: v for k, v in res.items() if k != "flow_run_id"}
+                                          for res in results]), "one row per stage")
+        r.markdown("runs", "\n".join(f"- {reporting.flow_run_link(res['flow_run_id'], res['stage'])}"
+                                     for res in results), "stage runs")
+        return results
+
+    with temporary_settings({PREFECT_API_URL: ui.api_url(port)}):
+        state = pipeline(return_state=True)
+        results = state.result()
+        from prefect.logging.handlers import APILogWorker
+
+        APILogWorker.drain_all(timeout=5)  # send run logs now, before the server may go away
+    return str(state.state_details.flow_run_id), {res["stage"]: res["flow_run_id"] for res in results}
+
+
+@pytest.fixture(scope="module")
+def runs(server, tmp_path_factory):
+    """Run the stand-in pipeline twice (second run: all cached) so keys have a history."""
+    png = plot_curves([{"step": s, "reward": s / 20, "loss": 1 / s} for s in range(1, 21)],
+                      ["reward", "loss"], tmp_path_factory.mktemp("plots") / "curves.png")
+    run_stand_in_pipeline(server, png)
+    return run_stand_in_pipeline(server, png, cached=True)
+
+
+def read_artifacts(port: int, **filters):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings({PREFECT_API_URL: ui.api_url(port)}):
+        with get_client(sync_client=True) as client:
+            return client.read_artifacts(artifact_filter=ArtifactFilter(**filters))
+
+
+def test_artifacts_reach_the_server(server, runs):
+    from prefect.client.schemas.filters import ArtifactFilterFlowRunId, ArtifactFilterKey
+
+    pipeline_run, stage_runs = runs
+    by_key = {a.key: a for a in read_artifacts(
+        server, flow_run_id=ArtifactFilterFlowRunId(any_=[stage_runs["rejection-sft"]]))}
+    assert set(by_key) == {"tiny-rejection-sft-progress", "tiny-rejection-sft-metrics",
+                           "tiny-rejection-sft-summary", "tiny-rejection-sft-funnel"}
+    assert by_key["tiny-rejection-sft-progress"].data == 100.0  # the throttled updates end at 100
+    assert json.loads(by_key["tiny-rejection-sft-funnel"].data)[3] == {"filter": "dedup", "kept": 27}
+    summary = read_artifacts(server, flow_run_id=ArtifactFilterFlowRunId(any_=[pipeline_run]),
+                             key=ArtifactFilterKey(any_=["tiny-pipeline-summary"]))
+    rows = json.loads(summary[0].data)  # table artifacts are stored as JSON text
+    assert [row["stage"] for row in rows] == STAGES
+    assert all(row["cached"] is True for row in rows)
+    # Stable keys: both runs wrote the same key, so it has a history of two.
+    history = read_artifacts(server, key=ArtifactFilterKey(any_=["tiny-pipeline-summary"]))
+    assert len(history) == 2
+    curves = read_artifacts(server, key=ArtifactFilterKey(any_=["tiny-reasoning-rl-curves"]))[0]
+    assert "data:image/png;base64," in curves.data
+
+
+def test_progress_is_throttled(server):
+    from prefect import flow
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    @flow(name="progress-check")
+    def check() -> list:
+        r = PrefectReporter(PIPELINE, "throttle")
+        seen = []
+        for f in (0.1, 0.105, 0.5, 1.0, 1.0):
+            r.progress(f)
+            seen.append(r._progress_last[1])
+        return seen
+
+    with temporary_settings({PREFECT_API_URL: ui.api_url(server)}):
+        seen = check()
+    # 0.105: too soon and too small a step; 0.5: too soon (min_interval 2 s); 1.0 always published.
+    assert seen == [0.1, 0.1, 0.1, 1.0, 1.0]
+
+
+# ---------------------------------------------------------------- the browser
+
+@contextlib.contextmanager
+def chromium_page(profile: Path):
+    """A Playwright page in headless Debian Chromium with a fresh user-data-dir at `profile`."""
+    _require_browser()
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        context = p.chromium.launch_persistent_context(
+            str(profile), executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True,
+            viewport={"width": 1400, "height": 1000})
+        try:
+            page = context.pages[0] if context.pages else context.new_page()
+            page.set_default_timeout(30_000)
+            yield page
+        finally:
+            context.close()
+
+
+@pytest.fixture(scope="module")
+def browser_page(tmp_path_factory):
+    with chromium_page(tmp_path_factory.mktemp("chromium-profile")) as page:
+        yield page
+
+
+def find_artifacts_in_ui(port: int, flow_run_id: str, page=None, screenshot: Path | None = None) -> str:
+    """Open a flow run's page in the UI, switch to its Artifacts tab and return the tab's text
+    (artifact types, keys and descriptions as a person sees them). Without `page` it starts its
+    own browser."""
+    if page is None:
+        with tempfile.TemporaryDirectory() as profile, chromium_page(Path(profile)) as own:
+            return find_artifacts_in_ui(port, flow_run_id, own, screenshot)
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
+
+    page.goto(f"{ui.ui_url(port)}/runs/flow-run/{flow_run_id}")
+    page.locator("li.p-tab#artifacts").click()
+    panel = page.locator("#artifacts-content")
+    try:
+        panel.locator(".artifact-card").first.wait_for(timeout=20_000)
+    except PlaywrightTimeout:
+        pass  # no artifacts: return what the tab says
+    # The cards sit in a virtual scroller: scroll to the end so every card is rendered.
+    for _ in range(10):
+        before = panel.locator(".artifact-card").count()
+        page.mouse.wheel(0, 5000)
+        page.wait_for_timeout(300)
+        if panel.locator(".artifact-card").count() == before:
+            break
+    if screenshot:
+        page.screenshot(path=str(screenshot), full_page=True)
+    return panel.inner_text()
+
+
+def open_artifact(page, key: str, screenshot: Path | None = None) -> str:
+    """On a flow run's Artifacts tab, click the artifact card titled `key` and return the text of
+    the artifact's page (a table's cells, a Markdown document)."""
+    page.locator(".artifact-card__title").get_by_text(key, exact=True).click()
+    page.wait_for_url("**/artifacts/artifact/**")
+    page.get_by_text("Show raw data").wait_for()
+    page.wait_for_load_state("networkidle")
+    if screenshot:
+        page.screenshot(path=str(screenshot), full_page=True)
+    return page.locator("body").inner_text()
+
+
+def test_browser_shows_pipeline_summary_and_funnel(server, runs, browser_page, tmp_path):
+    pipeline_run, stage_runs = runs
+    page = browser_page
+
+    text = find_artifacts_in_ui(server, pipeline_run, page, tmp_path / "pipeline-artifacts.png")
+    assert "tiny-pipeline-summary" in text and "one row per stage" in text
+    assert "tiny-pipeline-runs" in text
+    table = open_artifact(page, "tiny-pipeline-summary", tmp_path / "pipeline-summary.png")
+    for column in ("stage", "version", "cached", "seconds", "pass@1"):
+        assert column in table
+    for name in STAGES:
+        assert f"{name}-0123456789ab" in table
+
+    text = find_artifacts_in_ui(server, stage_runs["rejection-sft"], page,
+                                tmp_path / "rejection-sft-artifacts.png")
+    for key in ("funnel", "metrics", "summary", "progress"):
+        assert f"tiny-rejection-sft-{key}" in text
+    assert "rejection funnel" in text
+    funnel = open_artifact(page, "tiny-rejection-sft-funnel", tmp_path / "funnel.png")
+    for cell in ("generated", "format", "correct", "dedup", "64", "27"):
+        assert cell in funnel
+    assert (tmp_path / "funnel.png").stat().st_size > 10_000
+
+
+def test_browser_renders_embedded_curve_picture(server, runs, browser_page, tmp_path):
+    _, stage_runs = runs
+    page = browser_page
+    find_artifacts_in_ui(server, stage_runs["reasoning-rl"], page)
+    open_artifact(page, "tiny-reasoning-rl-curves", tmp_path / "curves.png")
+    img = page.locator("img[src^='data:image/png;base64,']").first
+    img.wait_for()
+    width = page.evaluate("(img) => img.naturalWidth", img.element_handle())
+    assert width > 100  # decoded and laid out, not a broken-image icon
+
+
+def test_browser_summary_links_to_stage_runs(server, runs, browser_page):
+    pipeline_run, stage_runs = runs
+    page = browser_page
+    find_artifacts_in_ui(server, pipeline_run, page)
+    open_artifact(page, "tiny-pipeline-runs")
+    link = page.get_by_role("link", name="rejection-sft", exact=True)
+    assert link.get_attribute("href").endswith(f"/runs/flow-run/{stage_runs['rejection-sft']}")
