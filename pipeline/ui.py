@@ -66,6 +66,17 @@ def _port_in_use(host: str, port: int) -> bool:
     return False
 
 
+def _die_with_parent() -> None:
+    """In the child before exec (Linux): get SIGTERM when the parent dies, so a killed
+    `r1flow ui` or test run never leaves a server behind."""
+    try:
+        import ctypes  # noqa: PLC0415
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
 def start_server(host: str = "127.0.0.1", port: int = 4200, home: Path | None = None,
                  timeout: float = 90.0, log_path: Path | None = None) -> subprocess.Popen:
     """Start `prefect server start --host HOST --port PORT` with the UI on, and return once
@@ -106,7 +117,8 @@ def start_server(host: str = "127.0.0.1", port: int = 4200, home: Path | None = 
     with open(log_path, "wb") as log:
         # Own process group: Ctrl-C reaches only us, and stop_server() ends the whole group.
         proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, start_new_session=True)
+                                stdin=subprocess.DEVNULL, start_new_session=True,
+                                preexec_fn=_die_with_parent)
     proc.log_path = log_path  # type: ignore[attr-defined]
 
     deadline = time.monotonic() + timeout

@@ -16,13 +16,19 @@ import contextlib
 import json
 import os
 import re
+import signal
+import socket
+import subprocess
+import sys
 import tempfile
+import urllib.request
 import time
 from pathlib import Path
 
 import pytest
 
 from pipeline import reporting, ui
+from stages.common import UserError
 from pipeline.reporting import (
     PrefectReporter,
     artifact_key,
@@ -163,6 +169,96 @@ def test_reporter_outside_a_run_is_a_no_op(tmp_path):
 
 # ---------------------------------------------------------------- server + stand-in pipeline
 
+@pytest.mark.parametrize("host, port, problem", [
+    ("0.0.0.0", 4200, "host: must be a loopback address"),
+    ("192.168.1.5", 4200, "host: must be a loopback address"),
+    ("127.0.0.1", 0, "port: must be in 1..65535"),
+    ("127.0.0.1", 70000, "port: must be in 1..65535"),
+])
+def test_start_server_rejects_bad_host_or_port(host, port, problem):
+    with pytest.raises(UserError, match=re.escape(problem)):
+        ui.start_server(host=host, port=port)
+
+
+def test_start_server_refuses_a_busy_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        with pytest.raises(UserError, match=r"port \d+: already in use by another program"):
+            ui.start_server(port=s.getsockname()[1])
+
+
+def _non_loopback_address() -> str | None:
+    """This machine's address on its default route (no packet is sent), or None."""
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.connect(("10.255.255.255", 1))
+            address = s.getsockname()[0]
+    except OSError:
+        return None
+    return None if address.startswith("127.") else address
+
+
+def test_r1flow_ui_main_serves_until_ctrl_c(tmp_path):
+    """`pipeline.ui.main` (what `r1flow ui` runs): prints the PREFECT_API_URL line, answers on
+    localhost only, and a Ctrl-C (SIGINT) stops the server and frees the port."""
+    port = ui.free_port()
+    code = f"from pipeline.ui import main; raise SystemExit(main(port={port}, home={str(tmp_path)!r}))"
+    proc = subprocess.Popen([sys.executable, "-c", code], cwd=Path(__file__).parents[1],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        lines = []
+        for line in proc.stdout:
+            lines.append(line)
+            if "Ctrl-C" in line:
+                break
+        out = "".join(lines)
+        assert f"export PREFECT_API_URL=http://127.0.0.1:{port}/api" in out, out
+        assert ui.is_healthy(port)
+        with urllib.request.urlopen(ui.ui_url(port), timeout=5) as r:  # the UI itself is served
+            assert "<html" in r.read().decode().lower()
+        outside = _non_loopback_address()
+        if outside:  # bound to localhost only: the machine's own network address is refused
+            with pytest.raises(OSError):
+                socket.create_connection((outside, port), timeout=2).close()
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=30) == 0
+        assert not ui.is_healthy(port)
+        assert not ui._port_in_use("127.0.0.1", port)
+    finally:
+        if proc.poll() is None:
+            proc.kill()  # the server follows its parent (PR_SET_PDEATHSIG)
+            proc.wait()
+
+
+def test_server_dies_with_a_killed_parent(tmp_path):
+    """A SIGKILLed `r1flow ui` (no chance to clean up) does not leave a server behind."""
+    port = ui.free_port()
+    code = f"from pipeline.ui import main; main(port={port}, home={str(tmp_path)!r})"
+    proc = subprocess.Popen([sys.executable, "-c", code], cwd=Path(__file__).parents[1],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        for line in proc.stdout:
+            if "Ctrl-C" in line:
+                break
+        assert ui.is_healthy(port)
+        proc.kill()
+        proc.wait()
+        deadline = time.monotonic() + 20
+        while ui._port_in_use("127.0.0.1", port) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert not ui._port_in_use("127.0.0.1", port)
+    finally:
+        if proc.poll() is None:
+            proc.kill()  # the server follows its parent (PR_SET_PDEATHSIG)
+            proc.wait()
+
+
+def test_a_running_prefect_server_is_named(server):
+    with pytest.raises(UserError, match=f"port {server}: already in use by a Prefect server"):
+        ui.start_server(port=server)
+
+
 def _require_browser() -> None:
     """Skip without a browser, except under CI, where a missing browser is a failure."""
     problems = []
@@ -209,6 +305,9 @@ def run_stand_in_pipeline(port: int, png: Path, cached: bool = False) -> tuple[s
         r.markdown("summary", f"## {name}\n\nSample completion:\n\n"
                               "```\n<think>2+2 is 4</think><answer>4</answer>\n```",
                    "summary with sample completions")
+        r.link("checkpoint", str(png.parent), "checkpoint folder")
+        r.markdown("lineage", lineage_markdown(f"{name}-0123456789ab", {"world": "world-0123456789ab"}),
+                   "versions consumed and produced")
         if name == "rejection-sft":
             r.table("funnel", [{"filter": "generated", "kept": 64}, {"filter": "format", "kept": 51},
                                {"filter": "correct", "kept": 30}, {"filter": "dedup", "kept": 27}],
@@ -244,7 +343,7 @@ def runs(server, tmp_path_factory):
     png = plot_curves([{"step": s, "reward": s / 20, "loss": 1 / s} for s in range(1, 21)],
                       ["reward", "loss"], tmp_path_factory.mktemp("plots") / "curves.png")
     run_stand_in_pipeline(server, png)
-    return run_stand_in_pipeline(server, png, cached=True)
+    return (*run_stand_in_pipeline(server, png, cached=True), png.parent)
 
 
 def read_artifacts(port: int, **filters):
@@ -260,11 +359,13 @@ def read_artifacts(port: int, **filters):
 def test_artifacts_reach_the_server(server, runs):
     from prefect.client.schemas.filters import ArtifactFilterFlowRunId, ArtifactFilterKey
 
-    pipeline_run, stage_runs = runs
+    pipeline_run, stage_runs, png_dir = runs
     by_key = {a.key: a for a in read_artifacts(
         server, flow_run_id=ArtifactFilterFlowRunId(any_=[stage_runs["rejection-sft"]]))}
-    assert set(by_key) == {"tiny-rejection-sft-progress", "tiny-rejection-sft-metrics",
-                           "tiny-rejection-sft-summary", "tiny-rejection-sft-funnel"}
+    assert set(by_key) == {f"tiny-rejection-sft-{k}" for k in
+                           ("progress", "metrics", "summary", "funnel", "checkpoint", "lineage")}
+    assert by_key["tiny-rejection-sft-checkpoint"].data == (
+        f"[{png_dir}]({link_to_folder(png_dir)})")
     assert by_key["tiny-rejection-sft-progress"].data == 100.0  # the throttled updates end at 100
     assert json.loads(by_key["tiny-rejection-sft-funnel"].data)[3] == {"filter": "dedup", "kept": 27}
     summary = read_artifacts(server, flow_run_id=ArtifactFilterFlowRunId(any_=[pipeline_run]),
@@ -365,7 +466,7 @@ def open_artifact(page, key: str, screenshot: Path | None = None) -> str:
 
 
 def test_browser_shows_pipeline_summary_and_funnel(server, runs, browser_page, tmp_path):
-    pipeline_run, stage_runs = runs
+    pipeline_run, stage_runs, _ = runs
     page = browser_page
 
     text = find_artifacts_in_ui(server, pipeline_run, page, tmp_path / "pipeline-artifacts.png")
@@ -389,7 +490,7 @@ def test_browser_shows_pipeline_summary_and_funnel(server, runs, browser_page, t
 
 
 def test_browser_renders_embedded_curve_picture(server, runs, browser_page, tmp_path):
-    _, stage_runs = runs
+    _, stage_runs, _ = runs
     page = browser_page
     find_artifacts_in_ui(server, stage_runs["reasoning-rl"], page)
     open_artifact(page, "tiny-reasoning-rl-curves", tmp_path / "curves.png")
@@ -400,7 +501,7 @@ def test_browser_renders_embedded_curve_picture(server, runs, browser_page, tmp_
 
 
 def test_browser_summary_links_to_stage_runs(server, runs, browser_page):
-    pipeline_run, stage_runs = runs
+    pipeline_run, stage_runs, _ = runs
     page = browser_page
     find_artifacts_in_ui(server, pipeline_run, page)
     open_artifact(page, "tiny-pipeline-runs")
