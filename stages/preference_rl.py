@@ -1,0 +1,419 @@
+"""Stage `preference-rl` (stage 4): RL for all scenarios from the stage-3 checkpoint.
+
+The training prompts mix reasoning prompts (with gold answers) and general prompts (`general_share`);
+each row carries `kind` = "reasoning" or "general". One set of reward functions is routed by kind:
+the rule rewards of stage 2 score reasoning rows and return None for general rows, the reward model
+scores general rows and returns None for reasoning rows (TRL skips None). As in DeepSeek-R1 the
+reward model is applied twice: helpfulness on the final answer only (the `<answer>` block) and
+harmlessness on the whole response, each with its own weight.
+
+Two modes:
+- `grpo` (default): TRL `GRPOTrainer` with the routed rewards;
+- `dpo`: sample `samples_per_prompt` answers per prompt from the stage-3 model, score them with the
+  same rewards, pair the best with the worst answer of each prompt (when their scores differ by at
+  least `min_margin`), then TRL `DPOTrainer` on those pairs.
+
+The reward-hacking monitor (`stages/monitor.py`) watches training in both modes. The stage writes the
+final model to `<version>/model` and reports the mean reward-model score of greedy answers to the
+held-out general prompts (`general_eval`) before (stage-3 model) and after (this stage's model).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import time
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, field_validator
+
+from stages.common import StageConfig, StageContext, UserError, seed_everything, trainer_args_validator, trainer_field
+from stages.data import DatasetRef
+from stages.monitor import MonitorConfig
+from stages.rewards import RewardsConfig, build_reward_funcs, completion_text, extract_answer, score_completion
+
+log = logging.getLogger(__name__)
+
+REASONING, GENERAL = "reasoning", "general"
+
+# GRPOConfig settings r1flow uses unless `trainer:` overrides them (sized for the tiny world on CPU).
+GRPO_DEFAULTS: dict[str, Any] = {
+    "max_steps": 60,
+    "learning_rate": 1e-5,
+    "per_device_train_batch_size": 16,
+    "num_generations": 8,
+    "max_completion_length": 128,
+    "temperature": 1.0,
+    "beta": 0.0,
+    "logging_steps": 1,
+    "save_strategy": "steps",
+    "save_steps": 50,
+    "save_total_limit": 1,
+    "gradient_checkpointing": False,
+    "bf16": False,
+}
+# DPOConfig settings r1flow uses unless `dpo_trainer:` overrides them.
+DPO_DEFAULTS: dict[str, Any] = {
+    "num_train_epochs": 1,
+    "learning_rate": 5e-6,
+    "per_device_train_batch_size": 8,
+    "beta": 0.1,
+    "max_length": 384,
+    "logging_steps": 1,
+    "save_strategy": "steps",
+    "save_steps": 50,
+    "save_total_limit": 1,
+    "gradient_checkpointing": False,
+    "bf16": False,
+}
+
+
+class DPOPairsConfig(StageConfig):
+    """How `dpo` mode builds chosen/rejected pairs from sampled answers."""
+
+    num_prompts: int = Field(256, ge=1, description="prompts (from the same reasoning/general mix) to sample answers for")
+    samples_per_prompt: int = Field(4, ge=2, description="sampled answers per prompt; the best and worst form a pair")
+    temperature: float = Field(1.0, gt=0, description="sampling temperature")
+    top_p: float = Field(1.0, gt=0, le=1, description="nucleus sampling")
+    max_new_tokens: int = Field(128, ge=1, description="generation budget of each answer")
+    min_margin: float = Field(0.5, ge=0, description="keep a pair only when best and worst scores differ by at least this")
+
+
+class Config(StageConfig):
+    """Settings of the `preference-rl` stage (`stages: preference-rl:` in flows.yaml)."""
+
+    mode: Literal["grpo", "dpo"] = Field("grpo", description="`grpo`: GRPO with routed rewards; `dpo`: DPO on "
+                                                             "pairs ranked by the reward model and rules")
+    model: str | None = Field(None, description="policy to start from; None = the rejection-sft version's model")
+    prompts: DatasetRef = Field("world:rl_prompts", description="reasoning prompts with gold `answer` "
+                                                                "(optional `language`), scored by the rule rewards")
+    general_prompts: DatasetRef = Field("world:general_prompts", description="general prompts (`prompt` only), "
+                                                                             "scored by the reward model")
+    general_share: float = Field(0.5, ge=0, le=1, description="share of general prompts in the training mix")
+    num_prompts: int | None = Field(
+        None, ge=1, description="prompts in the training mix (None: as many as the smaller side allows at `general_share`)")
+    rewards: RewardsConfig = Field(default_factory=RewardsConfig, description="rule rewards for reasoning prompts")
+    reward_model: str | None = Field(
+        None, description="sequence-classification reward model (local folder or hub id); None = the "
+                          "reward-model stage's version")
+    helpfulness_weight: float = Field(1.0, ge=0, description="weight of the reward-model score of the final answer "
+                                                             "(`<answer>` block) on general prompts")
+    harmlessness_weight: float = Field(1.0, ge=0, description="weight of the reward-model score of the whole response "
+                                                              "(reasoning included) on general prompts")
+    rm_batch_size: int = Field(32, ge=1, description="batch size of reward-model scoring")
+    eval_general: DatasetRef = Field("world:general_eval", description="held-out general prompts for the "
+                                                                       "before/after reward-model score")
+    eval_max_new_tokens: int = Field(256, ge=1, description="generation budget of held-out answers")
+    monitor: MonitorConfig = Field(default_factory=MonitorConfig, description="reward-hacking monitor")
+    dpo: DPOPairsConfig = Field(default_factory=DPOPairsConfig, description="pair building in `dpo` mode")
+    trainer: dict[str, Any] = Field(
+        default_factory=dict, description="trl.GRPOConfig fields, merged over GRPO_DEFAULTS (`grpo` mode; "
+                                          "reward_weights is set from the weights here)")
+    dpo_trainer: dict[str, Any] = Field(
+        default_factory=dict, description="trl.DPOConfig fields, merged over DPO_DEFAULTS (`dpo` mode)")
+
+    _check_trainer = trainer_field("GRPOConfig")
+
+    @field_validator("dpo_trainer")
+    @classmethod
+    def _check_dpo_trainer(cls, value: dict[str, Any]) -> dict[str, Any]:
+        return trainer_args_validator("DPOConfig")(value)
+
+    @field_validator("trainer")
+    @classmethod
+    def _no_reward_weights(cls, value: dict[str, Any]) -> dict[str, Any]:
+        if "reward_weights" in value:
+            raise ValueError("reward_weights: set by r1flow from rewards.weights, helpfulness_weight and "
+                             "harmlessness_weight")
+        return value
+
+
+# ------------------------------------------------------------------------------------------ rewards
+
+class Routed:
+    """A reward function applied only to rows whose `kind` column equals `route`; other rows get
+    None. Keeps the wrapped function's name (TRL logs `rewards/<name>/mean`)."""
+
+    def __init__(self, func, route: str):
+        self.func, self.route = func, route
+        self.__name__ = getattr(func, "__name__", type(func).__name__)
+
+    def __call__(self, completions: list, kind: list | None = None, **columns) -> list[float | None]:
+        n = len(completions)
+        if kind is None:
+            raise UserError("preference-rl rewards: training rows need a `kind` column (reasoning/general)")
+        rows = [i for i, k in enumerate(kind) if k == self.route]
+        out: list[float | None] = [None] * n
+        if not rows:
+            return out
+        sub = {key: [value[i] for i in rows] if isinstance(value, list) and len(value) == n else value
+               for key, value in columns.items()}
+        for i, reward in zip(rows, self.func([completions[i] for i in rows], **sub)):
+            out[i] = reward
+        return out
+
+
+def answer_view(completion: Any) -> str:
+    """The part of a response the helpfulness reward sees: the final answer (`<answer>` block, or
+    the last `\\boxed{}`), or the whole text when there is none."""
+    text = completion_text(completion)
+    return extract_answer(text) or text
+
+
+class RewardModelReward:
+    """Reward-model score of general responses: `view="answer"` scores prompt + final answer
+    (helpfulness), `view="full"` prompt + whole response (harmlessness)."""
+
+    def __init__(self, rm, tokenizer, view: Literal["answer", "full"], batch_size: int = 32):
+        self.rm, self.tokenizer, self.view, self.batch_size = rm, tokenizer, view, batch_size
+        self.__name__ = "helpfulness_reward" if view == "answer" else "harmlessness_reward"
+
+    def __call__(self, completions: list, prompts: list | None = None, **kw) -> list[float]:
+        from stages.reward_model import score  # noqa: PLC0415
+
+        if prompts is None:
+            raise ValueError("reward-model reward: needs the prompts")
+        texts = [answer_view(c) if self.view == "answer" else completion_text(c) for c in completions]
+        return score(self.rm, self.tokenizer, prompts, texts, self.batch_size)
+
+
+def build_rewards(cfg: Config, rm, rm_tokenizer) -> tuple[list, list[float]]:
+    """The routed reward functions and their weights: rules on reasoning rows, then helpfulness and
+    harmlessness (reward model) on general rows."""
+    rule_funcs, rule_weights = build_reward_funcs(cfg.rewards)
+    funcs = [Routed(f, REASONING) for f in rule_funcs]
+    funcs += [Routed(RewardModelReward(rm, rm_tokenizer, "answer", cfg.rm_batch_size), GENERAL),
+              Routed(RewardModelReward(rm, rm_tokenizer, "full", cfg.rm_batch_size), GENERAL)]
+    return funcs, rule_weights + [cfg.helpfulness_weight, cfg.harmlessness_weight]
+
+
+def total_rewards(funcs: list, weights: list[float], prompts: list, completions: list, columns: dict[str, list]) -> list[float]:
+    """Weighted sum of the (routed) rewards of each completion, skipping None, as GRPO sums them."""
+    totals = [0.0] * len(completions)
+    for func, weight in zip(funcs, weights):
+        for i, r in enumerate(func(completions, prompts=prompts, **columns)):
+            if r is not None:
+                totals[i] += weight * r
+    return totals
+
+
+# ------------------------------------------------------------------------------------------ data
+
+def _draw(rows: list, k: int, rng: random.Random) -> list:
+    """k rows in random order, without repeats until every row was drawn once."""
+    order: list[int] = []
+    while len(order) < k:
+        order += rng.sample(range(len(rows)), len(rows))
+    return [rows[i] for i in order[:k]]
+
+
+def prompt_mix(reasoning: list[dict], general: list[dict], share: float, num: int | None, seed: int) -> list[dict]:
+    """A shuffled mix of reasoning and general rows, `share` of them general, each with `kind`,
+    `answer` and `language` (None on general rows). With `num` None, as many rows as the smaller
+    side allows at that share."""
+    if share > 0 and not general:
+        raise UserError("general_prompts: no rows, but general_share > 0")
+    if share < 1 and not reasoning:
+        raise UserError("prompts: no rows, but general_share < 1")
+    if num is None:
+        limits = [len(general) / share if share > 0 else float("inf"),
+                  len(reasoning) / (1 - share) if share < 1 else float("inf")]
+        num = int(min(limits))
+    n_general = round(num * share)
+    rng = random.Random(seed)
+    rows = [{"prompt": r["prompt"], "answer": str(r["answer"]), "language": r.get("language"), "kind": REASONING}
+            for r in _draw(reasoning, num - n_general, rng)]
+    rows += [{"prompt": r["prompt"], "answer": None, "language": None, "kind": GENERAL}
+             for r in _draw(general, n_general, rng)]
+    rng.shuffle(rows)
+    return rows
+
+
+def _load_rows(ctx: StageContext, ref, required: tuple[str, ...]) -> list[dict]:
+    return list(ctx.resolve_dataset(ref, required_columns=required))
+
+
+def mean_rm_score(policy, tokenizer, rm, rm_tokenizer, prompts: list, cfg: Config) -> dict[str, Any]:
+    """Greedy answers of `policy` to `prompts`, scored by the reward model as in training
+    (helpfulness_weight * answer view + harmlessness_weight * whole response, normalised by the
+    weights' sum); returns the mean and a few samples."""
+    from stages.monitor import greedy_answers  # noqa: PLC0415
+    from stages.reward_model import score  # noqa: PLC0415
+
+    texts, lengths = greedy_answers(policy, tokenizer, prompts, cfg.eval_max_new_tokens)
+    help_ = score(rm, rm_tokenizer, prompts, [answer_view(t) for t in texts], cfg.rm_batch_size)
+    harm = score(rm, rm_tokenizer, prompts, texts, cfg.rm_batch_size)
+    total_w = cfg.helpfulness_weight + cfg.harmlessness_weight or 1.0
+    scores = [(cfg.helpfulness_weight * a + cfg.harmlessness_weight * b) / total_w for a, b in zip(help_, harm)]
+    return {"mean": sum(scores) / len(scores), "mean_helpfulness": sum(help_) / len(help_),
+            "mean_harmlessness": sum(harm) / len(harm), "mean_length": sum(lengths) / len(lengths),
+            "samples": [{"prompt": p[-1]["content"], "answer": t, "score": round(s, 3)}
+                        for p, t, s in list(zip(prompts, texts, scores))[:5]]}
+
+
+# ------------------------------------------------------------------------------------------ DPO pairs
+
+def sample_answers(policy, tokenizer, prompts: list, cfg: DPOPairsConfig, seed: int) -> list[list[str]]:
+    """`cfg.samples_per_prompt` sampled answers per prompt (transformers generate)."""
+    import torch  # noqa: PLC0415
+
+    torch.manual_seed(seed)
+    policy.eval()
+    eos = [i for i in {tokenizer.eos_token_id, tokenizer.pad_token_id} if i is not None]
+    out: list[list[str]] = []
+    device = next(policy.parameters()).device
+    for i in range(0, len(prompts), 16):
+        chats = [tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True) for p in prompts[i:i + 16]]
+        batch = tokenizer(chats, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False).to(device)
+        with torch.no_grad():
+            ids = policy.generate(**batch, do_sample=True, temperature=cfg.temperature, top_p=cfg.top_p, top_k=0,
+                                  max_new_tokens=cfg.max_new_tokens, num_return_sequences=cfg.samples_per_prompt,
+                                  eos_token_id=eos, pad_token_id=tokenizer.pad_token_id)
+        texts = tokenizer.batch_decode(ids[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
+        out += [texts[j:j + cfg.samples_per_prompt] for j in range(0, len(texts), cfg.samples_per_prompt)]
+    return out
+
+
+def build_pairs(rows: list[dict], samples: list[list[str]], scores: list[list[float]], min_margin: float) -> list[dict]:
+    """One {prompt, chosen, rejected} pair per prompt: its best and worst sampled answer, when their
+    scores differ by at least `min_margin` (ties carry no preference)."""
+    pairs = []
+    for row, texts, vals in zip(rows, samples, scores):
+        best = max(range(len(vals)), key=vals.__getitem__)
+        worst = min(range(len(vals)), key=vals.__getitem__)
+        if vals[best] - vals[worst] >= min_margin and texts[best] != texts[worst]:
+            pairs.append({"prompt": row["prompt"], "chosen": [{"role": "assistant", "content": texts[best]}],
+                          "rejected": [{"role": "assistant", "content": texts[worst]}], "kind": row["kind"],
+                          "margin": round(vals[best] - vals[worst], 4)})
+    return pairs
+
+
+# ------------------------------------------------------------------------------------------ stage
+
+def _policy_path(cfg: Config, ctx: StageContext) -> str:
+    if cfg.model is not None:
+        return ctx.resolve_model(cfg.model)
+    if "rejection-sft" not in ctx.inputs:
+        raise UserError("preference-rl: model: not set and the pipeline has no rejection-sft stage to start from")
+    path = Path(ctx.inputs["rejection-sft"]) / "model"
+    if not (path / "config.json").is_file():
+        raise UserError(f"preference-rl: expected the stage-3 model at {path}")
+    return str(path)
+
+
+def _reward_model_path(cfg: Config, ctx: StageContext) -> str:
+    if cfg.reward_model is not None:
+        return ctx.resolve_model(cfg.reward_model)
+    if "reward-model" not in ctx.inputs:
+        raise UserError("preference-rl: reward_model: not set and the pipeline has no reward-model stage "
+                        "(name a reward model, or add `reward-model:` under `stages:`)")
+    return str(Path(ctx.inputs["reward-model"]) / "model")
+
+
+def _stage3_eval(ctx: StageContext) -> dict[str, Any]:
+    """The stage-3 version's held-out eval (pass@1 etc.) from its manifest, if any."""
+    manifest = Path(ctx.inputs.get("rejection-sft", "/nonexistent")) / "manifest.json"
+    if manifest.is_file():
+        return json.loads(manifest.read_text()).get("metrics", {}).get("eval", {}) or {}
+    return {}
+
+
+def run(cfg: Config, ctx: StageContext, callbacks: list | None = None) -> dict:
+    """Train the stage-4 policy into ctx.out_dir/model; return RM scores before/after, pairs (dpo),
+    monitor summary and the training log. `callbacks`: extra TrainerCallbacks."""
+    import datasets  # noqa: PLC0415
+    import trl  # noqa: PLC0415
+    from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: PLC0415
+
+    from stages.monitor import RewardHackingMonitor, load_eval_rows  # noqa: PLC0415
+    from stages.reward_model import load_reward_model  # noqa: PLC0415
+
+    t0 = time.time()
+    seed_everything(ctx.seed)
+    trust = bool(getattr(ctx.pipeline, "trust_remote_code", False))
+    policy_path, rm_path = _policy_path(cfg, ctx), _reward_model_path(cfg, ctx)
+    rm, rm_tok = load_reward_model(rm_path, ctx.device, trust)
+    tokenizer = AutoTokenizer.from_pretrained(policy_path, trust_remote_code=trust)
+    policy = AutoModelForCausalLM.from_pretrained(policy_path, trust_remote_code=trust, dtype="float32",
+                                                  use_safetensors=True).to(ctx.device)
+
+    eval_prompts = [r["prompt"] for r in _load_rows(ctx, cfg.eval_general, ("prompt",))]
+    ctx.reporter.progress(0.02, "scoring the stage-3 model on held-out general prompts")
+    before = mean_rm_score(policy, tokenizer, rm, rm_tok, eval_prompts, cfg)
+    log.info("held-out RM score of the stage-3 model: %.4f", before["mean"])
+
+    reasoning = _load_rows(ctx, cfg.prompts, ("prompt", "answer"))
+    general = _load_rows(ctx, cfg.general_prompts, ("prompt",))
+    funcs, weights = build_rewards(cfg, rm, rm_tok)
+    monitor = None
+    if cfg.monitor.enabled:
+        mcfg = cfg.monitor
+        if cfg.mode == "dpo" and "reward_key" not in mcfg.model_fields_set:
+            mcfg = mcfg.model_copy(update={"reward_key": "rewards/margins"})
+        monitor = RewardHackingMonitor(mcfg, load_eval_rows(mcfg, ctx), tokenizer, ctx.work_dir / "healthy", ctx.reporter)
+    all_callbacks = [c for c in [monitor, *(callbacks or [])] if c is not None]
+    trainer_dir = ctx.work_dir / "trainer"
+    metrics: dict[str, Any] = {"mode": cfg.mode, "policy": policy_path, "reward_model": rm_path}
+
+    if cfg.mode == "grpo":
+        rows = prompt_mix(reasoning, general, cfg.general_share, cfg.num_prompts, ctx.seed)
+        metrics["train_prompts"] = {REASONING: sum(r["kind"] == REASONING for r in rows),
+                                    GENERAL: sum(r["kind"] == GENERAL for r in rows)}
+        args = trl.GRPOConfig(output_dir=str(trainer_dir), seed=ctx.seed, use_cpu=ctx.device == "cpu",
+                              report_to="none", trust_remote_code=trust, reward_weights=weights,
+                              **{**GRPO_DEFAULTS, **cfg.trainer})
+        trainer = trl.GRPOTrainer(model=policy, reward_funcs=funcs, args=args, processing_class=tokenizer,
+                                  train_dataset=datasets.Dataset.from_list(rows), callbacks=all_callbacks)
+    else:
+        rows = prompt_mix(reasoning, general, cfg.general_share, cfg.dpo.num_prompts, ctx.seed)
+        ctx.reporter.progress(0.1, f"sampling {cfg.dpo.samples_per_prompt} answers for {len(rows)} prompts")
+        samples = sample_answers(policy, tokenizer, [r["prompt"] for r in rows], cfg.dpo, ctx.seed)
+        flat_rows = [r for r, s in zip(rows, samples) for _ in s]
+        flat = [t for s in samples for t in s]
+        columns = {k: [r[k] for r in flat_rows] for k in ("answer", "language", "kind")}
+        totals = total_rewards(funcs, weights, [r["prompt"] for r in flat_rows], flat, columns)
+        k = cfg.dpo.samples_per_prompt
+        pairs = build_pairs(rows, samples, [totals[i:i + k] for i in range(0, len(totals), k)], cfg.dpo.min_margin)
+        (ctx.out_dir / "dpo_pairs.jsonl").write_text("".join(json.dumps(p, ensure_ascii=False) + "\n" for p in pairs))
+        metrics["dpo_pairs"] = {"prompts": len(rows), "pairs": len(pairs),
+                                REASONING: sum(p["kind"] == REASONING for p in pairs),
+                                GENERAL: sum(p["kind"] == GENERAL for p in pairs)}
+        log.info("dpo pairs: %s", metrics["dpo_pairs"])
+        if not pairs:
+            raise UserError(f"preference-rl dpo: no pair reached min_margin {cfg.dpo.min_margin} over {len(rows)} "
+                            "prompts (lower dpo.min_margin, or raise samples_per_prompt / temperature)")
+        args = trl.DPOConfig(output_dir=str(trainer_dir), seed=ctx.seed, use_cpu=ctx.device == "cpu",
+                             report_to="none", trust_remote_code=trust, **{**DPO_DEFAULTS, **cfg.dpo_trainer})
+        train = datasets.Dataset.from_list([{k: p[k] for k in ("prompt", "chosen", "rejected")} for p in pairs])
+        trainer = trl.DPOTrainer(model=policy, args=args, train_dataset=train, processing_class=tokenizer,
+                                 callbacks=all_callbacks)
+
+    ctx.reporter.progress(0.15, f"{cfg.mode} training")
+    trainer.train(resume_from_checkpoint=ctx.last_checkpoint(trainer_dir))
+    out = ctx.out_dir / "model"
+    trainer.save_model(str(out))  # safetensors + tokenizer; healthy weights if the monitor stopped training
+
+    ctx.reporter.progress(0.92, "scoring the stage-4 model on held-out general prompts")
+    after = mean_rm_score(trainer.model, tokenizer, rm, rm_tok, eval_prompts, cfg)
+    log.info("held-out RM score: stage 3 %.4f -> stage 4 %.4f", before["mean"], after["mean"])
+    stage3 = _stage3_eval(ctx)
+    metrics.update({
+        "heldout_rm_score_before": round(before["mean"], 4),
+        "heldout_rm_score_after": round(after["mean"], 4),
+        "heldout_rm_detail": {"before": {k: v for k, v in before.items() if k != "samples"},
+                              "after": {k: v for k, v in after.items() if k != "samples"}},
+        "stage3_eval": {k: stage3[k] for k in ("pass@1", "greedy_accuracy", "format_rate") if k in stage3},
+        "monitor": monitor.summary() if monitor else None,
+        "history": [row for row in trainer.state.log_history if "train_runtime" not in row],
+        "runtime_s": round(time.time() - t0, 1),
+    })
+    ctx.reporter.table("rm-score", [{"model": "stage 3 (before)", "mean_rm_score": metrics["heldout_rm_score_before"]},
+                                    {"model": "stage 4 (after)", "mean_rm_score": metrics["heldout_rm_score_after"]}],
+                       description="mean reward-model score of greedy answers to held-out general prompts")
+    ctx.reporter.table("samples", [{"when": "before", **s} for s in before["samples"]]
+                       + [{"when": "after", **s} for s in after["samples"]],
+                       description="held-out general prompts: greedy answers and their reward-model scores")
+    ctx.reporter.progress(1.0, "preference RL done")
+    return metrics

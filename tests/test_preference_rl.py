@@ -1,0 +1,323 @@
+"""Stage 4 (preference-rl): reward routing, prompt mixing, DPO pair building, config checks, and
+real runs on a small tiny world (GRPO and DPO modes).
+
+The session fixtures here (`tiny_world`, `stage3_policy`, `tiny_reward_model`) are shared with
+test_monitor.py and test_reward_model.py. They are built once and cached under pytest's cache dir,
+keyed by the source of the modules that make them, so a re-run reuses them."""
+
+import hashlib
+import json
+import math
+from pathlib import Path
+
+import pytest
+from pydantic import ValidationError
+
+from stages.common import StageContext, UserError
+from stages.preference_rl import (
+    GENERAL,
+    REASONING,
+    Config,
+    Routed,
+    answer_view,
+    build_pairs,
+    prompt_mix,
+    total_rewards,
+)
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def user(text):
+    return [{"role": "user", "content": text}]
+
+
+def chat(text):
+    return [{"role": "assistant", "content": text}]
+
+
+# ------------------------------------------------------------------------------------------ fixtures
+
+def _cache_dir(request, name: str, *sources: str) -> Path:
+    digest = hashlib.sha256(b"".join((ROOT / s).read_bytes() for s in sources)).hexdigest()[:10]
+    return Path(request.config.cache.mkdir(f"r1flow-stage4-{name}-{digest}"))
+
+
+SMALL_WORLD = dict(n_cold_start=800, n_rl_prompts=400, n_eval=64, n_general_sft=300, n_general_prompts=120,
+                   n_general_eval=24, n_preference=600, pretrain_steps=150, pretrain_corpus_lines=6000, judge=False)
+
+
+@pytest.fixture(scope="session")
+def tiny_world(request) -> Path:
+    """A small tiny world (data + pretrained base model), built once."""
+    from stages import world
+
+    out = _cache_dir(request, "world", "stages/world.py") / "world"
+    if not (out / "base_model" / "config.json").is_file():
+        ctx = StageContext(out_dir=out, work_dir=out.parent / "work", inputs={}, pipeline=None, seed=0)
+        world.run(world.Config(**SMALL_WORLD), ctx)
+    return out
+
+
+@pytest.fixture(scope="session")
+def stage3_policy(request, tiny_world) -> Path:
+    """A stand-in for the stage-3 model: the base model fine-tuned (TRL SFTTrainer, completion-only
+    loss) on the world's cold-start and general SFT data."""
+    import datasets
+    import trl
+
+    out = _cache_dir(request, "policy", "stages/world.py", "tests/test_preference_rl.py") / "model"
+    if (out / "config.json").is_file():
+        return out
+    from stages.data import load
+
+    rows = list(load("world:cold_start", tiny_world)) + list(load("world:general_sft", tiny_world))
+    train = datasets.Dataset.from_list([{"prompt": r["prompt"], "completion": r["completion"]} for r in rows])
+    args = trl.SFTConfig(output_dir=str(out.parent / "trainer"), use_cpu=True, report_to="none", seed=0,
+                         num_train_epochs=6, per_device_train_batch_size=32, learning_rate=3e-3,
+                         lr_scheduler_type="cosine", warmup_steps=10, logging_steps=20, save_strategy="no",
+                         gradient_checkpointing=False, bf16=False, max_length=256)
+    trainer = trl.SFTTrainer(model=str(tiny_world / "base_model"), args=args, train_dataset=train)
+    trainer.train()
+    trainer.save_model(str(out))
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_reward_model(request, tiny_world) -> Path:
+    """The reward-model stage run on the tiny world's preference pairs; returns its version folder."""
+    from stages import reward_model
+
+    out = _cache_dir(request, "rm", "stages/world.py", "stages/reward_model.py") / "version"
+    if not (out / "metrics.json").is_file():
+        out.mkdir(parents=True, exist_ok=True)
+        ctx = StageContext(out_dir=out, work_dir=out.parent / "work", inputs={"world": tiny_world}, pipeline=None, seed=0)
+        metrics = reward_model.run(reward_model.Config(), ctx)
+        (out / "metrics.json").write_text(json.dumps(metrics))
+    return out
+
+
+# ------------------------------------------------------------------------------------------ routing
+
+def record(name, calls):
+    def func(completions, **columns):
+        calls.append((name, list(completions), {k: v for k, v in columns.items() if isinstance(v, list)}))
+        return [float(len(c)) for c in completions]
+    func.__name__ = name
+    return func
+
+
+@pytest.mark.parametrize("kinds", [
+    [REASONING, GENERAL, REASONING, GENERAL],
+    [REASONING] * 4,
+    [GENERAL] * 4,
+    [GENERAL, GENERAL, REASONING, REASONING],
+])
+def test_routed_rewards_reach_only_their_rows(kinds):
+    calls = []
+    rule, rm = Routed(record("rule", calls), REASONING), Routed(record("rm", calls), GENERAL)
+    completions = ["a", "bb", "ccc", "dddd"]
+    answers = ["1", None, "3", None]
+    r_rule = rule(completions, kind=kinds, answer=answers, prompts=["p0", "p1", "p2", "p3"], trainer_state=object())
+    r_rm = rm(completions, kind=kinds, answer=answers, prompts=["p0", "p1", "p2", "p3"])
+    for i, k in enumerate(kinds):
+        if k == REASONING:
+            assert r_rule[i] == len(completions[i]) and r_rm[i] is None
+        else:
+            assert r_rm[i] == len(completions[i]) and r_rule[i] is None
+    # each function saw only its rows, with the per-row columns sliced to match
+    for name, seen, columns in calls:
+        want = [i for i, k in enumerate(kinds) if k == (REASONING if name == "rule" else GENERAL)]
+        assert seen == [completions[i] for i in want]
+        assert columns["prompts"] == [f"p{i}" for i in want]
+        assert columns["answer"] == [answers[i] for i in want]
+    assert {name for name, _, _ in calls} == {n for n, k in (("rule", REASONING), ("rm", GENERAL)) if k in kinds}
+
+
+def test_routed_keeps_name_and_needs_kind():
+    from stages.rewards import build_reward_funcs, RewardsConfig
+
+    funcs, _ = build_reward_funcs(RewardsConfig())
+    routed = Routed(funcs[0], REASONING)
+    assert routed.__name__ == "accuracy_reward"
+    with pytest.raises(UserError, match="kind"):
+        routed(["x"], answer=["1"])
+
+
+def test_routed_rule_rewards_score_reasoning_rows():
+    from stages.rewards import RewardsConfig, build_reward_funcs
+
+    funcs, weights = build_reward_funcs(RewardsConfig(weights={"accuracy": 1.0, "format": 0.5}))
+    routed = [Routed(f, REASONING) for f in funcs]
+    completions = [chat("<think>r</think><answer>5</answer>"), chat("<think>r</think><answer>Paris</answer>"),
+                   chat("<think>r</think><answer>6</answer>")]
+    columns = {"kind": [REASONING, GENERAL, REASONING], "answer": ["5", None, "5"], "language": ["en", None, "en"]}
+    totals = total_rewards(routed, weights, [user("q")] * 3, completions, columns)
+    assert totals == [1.5, 0.0, 0.5]
+    assert routed[0](completions, **columns) == [1.0, None, 0.0]
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("<think>long reasoning</think><answer>The capital is Paris.</answer>", "The capital is Paris."),
+    ("no tags at all", "no tags at all"),
+    ("<think>r</think><answer>a</answer><answer>b</answer>", "<think>r</think><answer>a</answer><answer>b</answer>"),
+    (chat("<think>x</think><answer>42</answer>"), "42"),
+])
+def test_answer_view(text, expected):
+    assert answer_view(text) == expected
+
+
+# ------------------------------------------------------------------------------------------ mixing and pairs
+
+REASON_ROWS = [{"prompt": user(f"r{i}"), "answer": i, "language": "en"} for i in range(40)]
+GENERAL_ROWS = [{"prompt": user(f"g{i}")} for i in range(10)]
+
+
+@pytest.mark.parametrize("share, num, n_general, n_total", [
+    (0.5, None, 10, 20),     # limited by the 10 general rows
+    (0.2, None, 10, 50),     # 10 general are 20% of 50
+    (0.0, None, 0, 40),
+    (1.0, None, 10, 10),
+    (0.25, 16, 4, 16),
+    (0.5, 60, 30, 60),       # more than available: rows repeat, evenly
+])
+def test_prompt_mix(share, num, n_general, n_total):
+    rows = prompt_mix(REASON_ROWS, GENERAL_ROWS, share, num, seed=0)
+    assert len(rows) == n_total
+    assert sum(r["kind"] == GENERAL for r in rows) == n_general
+    for r in rows:
+        if r["kind"] == GENERAL:
+            assert r["answer"] is None and r["prompt"][0]["content"].startswith("g")
+        else:
+            assert isinstance(r["answer"], str) and r["prompt"][0]["content"].startswith("r")
+    if n_general and n_general <= len(GENERAL_ROWS):
+        assert len({r["prompt"][0]["content"] for r in rows if r["kind"] == GENERAL}) == n_general
+    assert rows == prompt_mix(REASON_ROWS, GENERAL_ROWS, share, num, seed=0)
+
+
+def test_prompt_mix_errors():
+    with pytest.raises(UserError, match="general_prompts"):
+        prompt_mix(REASON_ROWS, [], 0.5, None, 0)
+    with pytest.raises(UserError, match="prompts"):
+        prompt_mix([], GENERAL_ROWS, 0.5, None, 0)
+
+
+@pytest.mark.parametrize("scores, min_margin, expect", [
+    ([0.0, 1.0, 0.5, -1.0], 0.5, ("b", "d")),
+    ([1.0, 1.0, 1.0, 1.0], 0.0, None),        # all tied: no preference, even at margin 0
+    ([0.2, 0.1, 0.3, 0.25], 0.5, None),       # spread below the margin
+    ([2.0, -2.0, 0.0, 0.0], 4.0, ("a", "b")), # exactly the margin counts
+])
+def test_build_pairs(scores, min_margin, expect):
+    row = {"prompt": user("q"), "kind": GENERAL}
+    pairs = build_pairs([row], [["a", "b", "c", "d"]], [scores], min_margin)
+    if expect is None:
+        assert pairs == []
+    else:
+        (pair,) = pairs
+        assert (pair["chosen"][0]["content"], pair["rejected"][0]["content"]) == expect
+        assert pair["prompt"] == row["prompt"] and pair["kind"] == GENERAL
+        assert pair["margin"] == pytest.approx(max(scores) - min(scores))
+
+
+def test_build_pairs_skips_identical_texts():
+    assert build_pairs([{"prompt": user("q"), "kind": GENERAL}], [["same", "same"]], [[1.0, 0.0]], 0.5) == []
+
+
+# ------------------------------------------------------------------------------------------ config
+
+@pytest.mark.parametrize("bad, where", [
+    ({"mode": "ppo"}, "mode"),
+    ({"trainer": {"learning_rate": -1}}, "learning_rate"),
+    ({"trainer": {"not_a_field": 1}}, "not_a_field"),
+    ({"trainer": {"reward_weights": [1.0]}}, "reward_weights"),
+    ({"trainer": {"output_dir": "x"}}, "output_dir"),
+    ({"dpo_trainer": {"num_generations": 4}}, "num_generations"),  # a GRPO field is not a DPO field
+    ({"general_share": 1.5}, "general_share"),
+    ({"helpfulness_weight": -1}, "helpfulness_weight"),
+    ({"dpo": {"samples_per_prompt": 1}}, "samples_per_prompt"),
+    ({"rewards": {"weights": {"bogus": 1.0}}}, "bogus"),
+    ({"monitor": {"eval_every": 0}}, "eval_every"),
+    ({"unknown": 1}, "unknown"),
+])
+def test_config_rejects(bad, where):
+    with pytest.raises(ValidationError, match=where):
+        Config(**bad)
+
+
+def test_config_accepts_both_trainers():
+    cfg = Config(mode="dpo", trainer={"max_steps": 3, "num_generations": 4}, dpo_trainer={"beta": 0.2})
+    assert cfg.mode == "dpo" and cfg.dpo_trainer == {"beta": 0.2}
+
+
+def test_missing_upstream_is_a_user_error(tmp_path):
+    from stages import preference_rl
+
+    ctx = StageContext(out_dir=tmp_path / "out", work_dir=tmp_path / "w", inputs={}, pipeline=None)
+    with pytest.raises(UserError, match="rejection-sft"):
+        preference_rl.run(Config(), ctx)
+
+
+# ------------------------------------------------------------------------------------------ real runs
+
+def _stage_ctx(tmp_path, world, policy, rm_version) -> StageContext:
+    stage3 = tmp_path / "stage3"
+    stage3.mkdir()
+    (stage3 / "model").symlink_to(policy)
+    return StageContext(out_dir=tmp_path / "out", work_dir=tmp_path / "work",
+                        inputs={"world": world, "rejection-sft": stage3, "reward-model": rm_version},
+                        pipeline=None, seed=0)
+
+
+@pytest.mark.slow
+def test_rm_rewards_route_on_real_reward_model(tiny_world, tiny_reward_model):
+    from stages.preference_rl import build_rewards
+    from stages.reward_model import load_reward_model
+
+    rm, tok = load_reward_model(str(tiny_reward_model / "model"))
+    funcs, weights = build_rewards(Config(), rm, tok)
+    assert [f.__name__ for f in funcs] == ["accuracy_reward", "format_reward", "helpfulness_reward", "harmlessness_reward"]
+    prompts = [user("What is 12 + 5?"), user("What is the capital of France?")]
+    completions = [chat("<think>12 + 5. 2+5=7, write 7 carry 0.</think><answer>17</answer>"),
+                   chat("<think>The user asks about France.</think><answer>The capital of France is Paris.</answer>")]
+    columns = {"kind": [REASONING, GENERAL], "answer": ["17", None], "language": ["en", None]}
+    out = [f(completions, prompts=prompts, **columns) for f in funcs]
+    assert out[0] == [1.0, None] and out[1] == [1.0, None]
+    assert out[2][0] is None and out[3][0] is None
+    assert isinstance(out[2][1], float) and isinstance(out[3][1], float)
+
+
+@pytest.mark.slow
+def test_dpo_mode_runs_on_tiny_world(tiny_world, stage3_policy, tiny_reward_model, tmp_path):
+    from stages import preference_rl
+
+    cfg = Config(mode="dpo", dpo={"num_prompts": 48, "samples_per_prompt": 4, "min_margin": 0.3},
+                 dpo_trainer={"num_train_epochs": 1, "per_device_train_batch_size": 8},
+                 monitor={"eval_every": 2, "n_prompts": 8, "max_new_tokens": 128})
+    ctx = _stage_ctx(tmp_path, tiny_world, stage3_policy, tiny_reward_model)
+    metrics = preference_rl.run(cfg, ctx)
+    assert (ctx.out_dir / "model" / "model.safetensors").is_file()
+    pairs = [json.loads(line) for line in (ctx.out_dir / "dpo_pairs.jsonl").read_text().splitlines()]
+    assert len(pairs) == metrics["dpo_pairs"]["pairs"] > 0
+    assert all(p["margin"] >= 0.3 for p in pairs)
+    assert any("rewards/margins" in row for row in metrics["history"])
+    assert isinstance(metrics["heldout_rm_score_before"], float) and isinstance(metrics["heldout_rm_score_after"], float)
+    assert metrics["monitor"]["checks"] >= 2
+
+
+@pytest.mark.slow
+def test_grpo_mode_runs_with_routed_rewards(tiny_world, stage3_policy, tiny_reward_model, tmp_path):
+    from stages import preference_rl
+
+    cfg = Config(num_prompts=64, trainer={"max_steps": 4, "per_device_train_batch_size": 16, "num_generations": 8},
+                 monitor={"eval_every": 2, "n_prompts": 8, "max_new_tokens": 128})
+    ctx = _stage_ctx(tmp_path, tiny_world, stage3_policy, tiny_reward_model)
+    metrics = preference_rl.run(cfg, ctx)
+    assert (ctx.out_dir / "model" / "model.safetensors").is_file()
+    logged = [row for row in metrics["history"] if "reward" in row]
+    assert len(logged) == 4
+    # both halves of the routed reward were applied during training
+    def applied(key):  # TRL logs NaN for a step where no row of that kind came up
+        return any(isinstance(row.get(key), float) and math.isfinite(row[key]) for row in logged)
+    assert applied("rewards/accuracy_reward/mean") and applied("rewards/helpfulness_reward/mean")
+    assert metrics["train_prompts"] == {REASONING: 32, GENERAL: 32}
