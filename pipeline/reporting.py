@@ -15,6 +15,7 @@ import re
 import time
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote, urlparse
 
 from stages.common import Reporter
 
@@ -145,29 +146,17 @@ class PrefectReporter(Reporter):
                       key=self.key(key), description=self._description(description))
 
     def link(self, key: str, target: str, description: str = "") -> None:
-        """Link to `target`: a URL as is, a local path as a file:// URI (the link text shows the
-        plain path, since browsers do not follow file:// links from an http page)."""
+        """Link to `target`: a URL as is, a local path as a file:// URI. The link text is the plain
+        path, since browsers do not follow file:// links from an http page (copy it instead)."""
         from prefect.artifacts import create_link_artifact  # noqa: PLC0415
 
-        is_url = re.match(r"^[a-z][a-z0-9+.-]*://", str(target)) is not None
-        uri = str(target) if is_url else link_to_folder(target)
-        text = str(target) if is_url else str(Path(target).expanduser().resolve())
+        uri, text = _link_target(str(target))
         self._publish("link", create_link_artifact, link=redact(uri), link_text=redact(text),
                       key=self.key(key), description=self._description(description))
 
     def image(self, key: str, png_path: Path, description: str = "") -> None:
-        """Embed a PNG in a Markdown artifact as a data: URI (the self-hosted UI renders it), with
-        the file path below it; a missing or oversized file is linked instead."""
-        png_path = Path(png_path)
-        path_line = f"`{png_path.resolve()}`"
-        if not png_path.is_file() or png_path.stat().st_size > MAX_INLINE_PNG_BYTES:
-            why = "missing" if not png_path.is_file() else "too large to embed"
-            self.markdown(key, f"Picture {why}: [{png_path.name}]({link_to_folder(png_path)})\n\n"
-                               f"{path_line}", description)
-            return
-        data = base64.b64encode(png_path.read_bytes()).decode("ascii")
-        self.markdown(key, f"![{png_path.stem}](data:image/png;base64,{data})\n\n{path_line}",
-                      description)
+        """A Markdown artifact showing the PNG (see `image_markdown`)."""
+        self.markdown(key, image_markdown(png_path), description)
 
     def warning(self, key: str, text: str) -> None:
         """A warning artifact, also written to the run's log (shown in the UI's Logs tab)."""
@@ -176,6 +165,28 @@ class PrefectReporter(Reporter):
             from prefect.logging import get_run_logger  # noqa: PLC0415
 
             get_run_logger().warning("%s/%s: %s", self.stage, key, redact(text))
+
+
+def _link_target(target: str) -> tuple[str, str]:
+    """(uri, text) for a link artifact: URLs stay as they are (file:// URIs show their path)."""
+    if target.startswith("file://"):
+        return target, unquote(urlparse(target).path)
+    if re.match(r"^[a-z][a-z0-9+.-]*://", target):
+        return target, target
+    return link_to_folder(target), str(Path(target).expanduser().resolve())
+
+
+def image_markdown(png_path: Path | str) -> str:
+    """Markdown showing a PNG inline as a `data:image/png;base64,...` URI (the self-hosted Prefect
+    UI renders it; checked with headless Chromium), with the file's path below. A missing file,
+    or one over `MAX_INLINE_PNG_BYTES`, gets a link to the file instead."""
+    png_path = Path(png_path).expanduser().resolve()
+    path_line = f"`{png_path}`"
+    if not png_path.is_file() or png_path.stat().st_size > MAX_INLINE_PNG_BYTES:
+        why = "missing" if not png_path.is_file() else "too large to embed"
+        return f"Picture {why}: [{png_path.name}]({png_path.as_uri()})\n\n{path_line}"
+    data = base64.b64encode(png_path.read_bytes()).decode("ascii")
+    return f"![{png_path.stem}](data:image/png;base64,{data})\n\n{path_line}"
 
 
 def plot_curves(history: list[dict[str, Any]], keys: list[str], path: Path | str,
@@ -232,26 +243,37 @@ def summary_table(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return clean_rows(flat)
 
 
-def _ids(ids: dict[str, str] | list[str] | None) -> list[tuple[str, str]]:
-    if not ids:
+def _ref(item: Any, stage: str = "") -> tuple[str, str]:
+    """(stage, id) of a version given as an id string, a dict with "id", or an object with `.id`
+    (e.g. `pipeline.store.Version`)."""
+    if isinstance(item, dict):
+        return str(item.get("stage", stage) or ""), str(item.get("id", ""))
+    if hasattr(item, "id"):
+        return str(getattr(item, "stage", stage) or ""), str(item.id)
+    return stage, str(item)
+
+
+def _refs(items: Any) -> list[tuple[str, str]]:
+    if not items:
         return []
-    if isinstance(ids, dict):
-        return [(str(k), str(v)) for k, v in ids.items()]
-    return [("", str(v)) for v in ids]
+    if isinstance(items, dict):
+        return [_ref(v, str(k)) for k, v in items.items()]
+    return [_ref(v) for v in items]
 
 
-def lineage_markdown(version: str, parents: dict[str, str] | list[str] | None,
-                     children: dict[str, str] | list[str] | None = None) -> str:
-    """Markdown naming a version, the versions it consumed (`parents`, stage -> id or a list of
-    ids) and the versions made from it (`children`)."""
-    lines = [f"**Version** `{version}`", ""]
-    for title, ids in (("Consumed (parents)", parents), ("Produced from it (children)", children)):
-        lines.append(f"**{title}**")
+def lineage_markdown(version: Any, parents: Any, children: Any = None) -> str:
+    """Markdown naming a version, the versions it was built from (`parents`) and those built from
+    it (`children`). Versions may be id strings, dicts with "id"/"stage", or objects with
+    `.id`/`.stage` such as `pipeline.store.Version`; `parents`/`children` may also be a mapping
+    stage -> version."""
+    _, vid = _ref(version)
+    lines = [f"**Version** `{vid}`", ""]
+    for title, items in (("Built from", parents), ("Used by", children)):
+        lines += [f"**{title}**", ""]
+        entries = _refs(items)
+        lines += [f"- {stage + ': ' if stage else ''}`{ref}`" for stage, ref in entries] or ["- none"]
         lines.append("")
-        entries = _ids(ids)
-        lines += [f"- {stage + ': ' if stage else ''}`{vid}`" for stage, vid in entries] or ["- none"]
-        lines.append("")
-    lines.append(f"Inspect with `r1flow show {version}` and `r1flow lineage {version}`.")
+    lines.append(f"Inspect with `r1flow show {vid}` and `r1flow lineage {vid}`.")
     return "\n".join(lines)
 
 

@@ -12,7 +12,9 @@ The first part of the file holds fast unit tests of `pipeline.reporting`'s pure 
 
 from __future__ import annotations
 
+import base64
 import contextlib
+import dataclasses
 import json
 import os
 import re
@@ -33,6 +35,7 @@ from pipeline.reporting import (
     PrefectReporter,
     artifact_key,
     clean_rows,
+    image_markdown,
     lineage_markdown,
     link_to_folder,
     plot_curves,
@@ -127,6 +130,44 @@ def test_lineage_markdown(parents, children, present, absent):
         assert s in text
     for s in absent:
         assert s not in text
+
+
+def test_lineage_markdown_accepts_version_objects():
+    @dataclasses.dataclass
+    class V:  # the shape of pipeline.store.Version
+        id: str
+        stage: str
+
+    text = lineage_markdown(V("rejection-sft-1", "rejection-sft"),
+                            [V("world-1", "world"), {"id": "cold-start-1", "stage": "cold-start"}],
+                            [V("preference-rl-1", "preference-rl")])
+    assert text.startswith("**Version** `rejection-sft-1`")
+    for s in ("world: `world-1`", "cold-start: `cold-start-1`", "preference-rl: `preference-rl-1`"):
+        assert s in text
+    assert "V(" not in text
+
+
+@pytest.mark.parametrize("target, uri, text", [
+    ("https://example.org/x", "https://example.org/x", "https://example.org/x"),
+    ("file:///data/run%201/ckpt", "file:///data/run%201/ckpt", "/data/run 1/ckpt"),
+    ("/data/run 1/ckpt", "file:///data/run%201/ckpt", "/data/run 1/ckpt"),
+    ("s3://bucket/key", "s3://bucket/key", "s3://bucket/key"),
+])
+def test_link_target(target, uri, text):
+    assert reporting._link_target(target) == (uri, text)
+
+
+def test_image_markdown(tmp_path, monkeypatch):
+    png = plot_curves([{"step": 1, "loss": 1.0}, {"step": 2, "loss": 0.5}], ["loss"], tmp_path / "c.png")
+    md = image_markdown(png)
+    data = md.split("base64,", 1)[1].split(")", 1)[0]
+    assert md.startswith("![c](data:image/png;base64,")
+    assert base64.b64decode(data) == png.read_bytes()
+    assert f"`{png.resolve()}`" in md
+    missing = image_markdown(tmp_path / "nope.png")
+    assert missing.startswith("Picture missing: [nope.png](file://") and "base64" not in missing
+    monkeypatch.setattr(reporting, "MAX_INLINE_PNG_BYTES", 100)
+    assert image_markdown(png).startswith("Picture too large to embed: [c.png](file://")
 
 
 @pytest.mark.parametrize("path", ["/tmp/a b/c", "relative/dir", "~/x"])
@@ -314,6 +355,7 @@ def run_stand_in_pipeline(port: int, png: Path, cached: bool = False) -> tuple[s
                     "rejection funnel")
         if name == "reasoning-rl":
             r.image("curves", png, "reward and loss curves")
+            r.warning("reward-hacking", "format reward rising while accuracy falls")
         return {"stage": name, "version": f"{name}-0123456789ab", "cached": cached,
                 "seconds": time.monotonic() - start, "metrics": {"pass@1": 0.25},
                 "flow_run_id": str(flow_run.id)}
@@ -376,6 +418,8 @@ def test_artifacts_reach_the_server(server, runs):
     # Stable keys: both runs wrote the same key, so it has a history of two.
     history = read_artifacts(server, key=ArtifactFilterKey(any_=["tiny-pipeline-summary"]))
     assert len(history) == 2
+    warning = read_artifacts(server, key=ArtifactFilterKey(any_=["tiny-reasoning-rl-reward-hacking"]))
+    assert len(warning) == 2 and warning[0].data.startswith("**Warning**")
     curves = read_artifacts(server, key=ArtifactFilterKey(any_=["tiny-reasoning-rl-curves"]))[0]
     assert "data:image/png;base64," in curves.data
 
