@@ -193,17 +193,19 @@ def test_plot_curves(tmp_path):
     assert empty.stat().st_size > 0
 
 
-def test_reporter_outside_a_run_is_a_no_op(tmp_path):
+def test_reporter_outside_a_run_is_a_no_op(tmp_path, caplog):
     png = plot_curves([{"step": 1, "loss": 1.0}], ["loss"], tmp_path / "c.png")
     r = PrefectReporter(PIPELINE, "cold-start")
-    start = time.monotonic()
+    caplog.set_level("DEBUG", logger="pipeline.reporting")
     r.progress(0.5, "half")
     r.table("metrics", [{"loss": 1.0}])
     r.markdown("summary", "text")
     r.link("checkpoint", str(tmp_path))
     r.image("curves", png)
     r.warning("reward-hacking", "suspicious")
-    assert time.monotonic() - start < 2  # no temporary server was started
+    skipped = [rec.getMessage() for rec in caplog.records if "no Prefect run context" in rec.getMessage()]
+    assert len(skipped) == 6, skipped  # every call skipped, none tried to reach an API
+    assert not [rec for rec in caplog.records if rec.levelname in ("WARNING", "ERROR")]
     assert r._progress_id is None
     assert r.key("Pass@1 Table") == "tiny-cold-start-pass-1-table"
 
@@ -240,28 +242,29 @@ def _non_loopback_address() -> str | None:
     return None if address.startswith("127.") else address
 
 
-def test_r1flow_ui_main_serves_until_ctrl_c(tmp_path):
-    """`pipeline.ui.main` (what `r1flow ui` runs): prints the PREFECT_API_URL line, answers on
-    localhost only, and a Ctrl-C (SIGINT) stops the server and frees the port."""
-    port = ui.free_port()
-    code = f"from pipeline.ui import main; raise SystemExit(main(port={port}, home={str(tmp_path)!r}))"
+def _start_r1flow_ui(port: int, home: Path) -> tuple[subprocess.Popen, str]:
+    """Run `pipeline.ui.main` (what `r1flow ui` runs) in a child process; return it and what it
+    printed up to its "Ctrl-C" line."""
+    code = f"from pipeline.ui import main; raise SystemExit(main(port={port}, home={str(home)!r}))"
     proc = subprocess.Popen([sys.executable, "-c", code], cwd=Path(__file__).parents[1],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if "Ctrl-C" in line:
+            break
+    return proc, "".join(lines)
+
+
+@pytest.fixture(scope="module")
+def ui_process(tmp_path_factory):
+    """`r1flow ui`'s server on a free localhost port with a throwaway PREFECT_HOME, as
+    (process, port, printed text). At the end a Ctrl-C (SIGINT) must stop it and free the port."""
+    port = ui.free_port()
+    proc, out = _start_r1flow_ui(port, tmp_path_factory.mktemp("prefect-home"))
     try:
-        lines = []
-        for line in proc.stdout:
-            lines.append(line)
-            if "Ctrl-C" in line:
-                break
-        out = "".join(lines)
-        assert f"export PREFECT_API_URL=http://127.0.0.1:{port}/api" in out, out
-        assert ui.is_healthy(port)
-        with urllib.request.urlopen(ui.ui_url(port), timeout=5) as r:  # the UI itself is served
-            assert "<html" in r.read().decode().lower()
-        outside = _non_loopback_address()
-        if outside:  # bound to localhost only: the machine's own network address is refused
-            with pytest.raises(OSError):
-                socket.create_connection((outside, port), timeout=2).close()
+        assert ui.is_healthy(port), out
+        yield proc, port, out
         proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=30) == 0
         assert not ui.is_healthy(port)
@@ -272,16 +275,29 @@ def test_r1flow_ui_main_serves_until_ctrl_c(tmp_path):
             proc.wait()
 
 
+@pytest.fixture(scope="module")
+def server(ui_process):
+    """The port of the module's Prefect server (UI on, localhost only)."""
+    return ui_process[1]
+
+
+def test_r1flow_ui_prints_how_to_connect_and_serves_localhost_only(ui_process):
+    _, port, out = ui_process
+    assert f"export PREFECT_API_URL=http://127.0.0.1:{port}/api" in out, out
+    assert f"Prefect UI:  http://127.0.0.1:{port}" in out
+    with urllib.request.urlopen(ui.ui_url(port), timeout=5) as r:  # the UI itself is served
+        assert "<html" in r.read().decode().lower()
+    outside = _non_loopback_address()
+    if outside:  # bound to localhost only: the machine's own network address is refused
+        with pytest.raises(OSError):
+            socket.create_connection((outside, port), timeout=2).close()
+
+
 def test_server_dies_with_a_killed_parent(tmp_path):
     """A SIGKILLed `r1flow ui` (no chance to clean up) does not leave a server behind."""
     port = ui.free_port()
-    code = f"from pipeline.ui import main; main(port={port}, home={str(tmp_path)!r})"
-    proc = subprocess.Popen([sys.executable, "-c", code], cwd=Path(__file__).parents[1],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc, _ = _start_r1flow_ui(port, tmp_path)
     try:
-        for line in proc.stdout:
-            if "Ctrl-C" in line:
-                break
         assert ui.is_healthy(port)
         proc.kill()
         proc.wait()
@@ -291,7 +307,7 @@ def test_server_dies_with_a_killed_parent(tmp_path):
         assert not ui._port_in_use("127.0.0.1", port)
     finally:
         if proc.poll() is None:
-            proc.kill()  # the server follows its parent (PR_SET_PDEATHSIG)
+            proc.kill()
             proc.wait()
 
 
@@ -313,19 +329,6 @@ def _require_browser() -> None:
         if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
             pytest.fail("browser test under CI: " + "; ".join(problems))
         pytest.skip("; ".join(problems))
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    """A real `prefect server` with the UI on a free localhost port; yields the port."""
-    home = tmp_path_factory.mktemp("prefect-home")
-    port = ui.free_port()
-    proc = ui.start_server(port=port, home=home)
-    try:
-        yield port
-    finally:
-        ui.stop_server(proc)
-        assert proc.poll() is not None
 
 
 def run_stand_in_pipeline(port: int, png: Path, cached: bool = False) -> tuple[str, dict[str, str]]:
@@ -551,3 +554,17 @@ def test_browser_summary_links_to_stage_runs(server, runs, browser_page):
     open_artifact(page, "tiny-pipeline-runs")
     link = page.get_by_role("link", name="rejection-sft", exact=True)
     assert link.get_attribute("href").endswith(f"/runs/flow-run/{stage_runs['rejection-sft']}")
+
+
+def test_browser_artifacts_page_shows_key_history(server, runs, browser_page, tmp_path):
+    from prefect.client.schemas.filters import ArtifactFilterKey
+
+    history = read_artifacts(server, key=ArtifactFilterKey(any_=["tiny-pipeline-summary"]))
+    page = browser_page
+    page.goto(f"{ui.ui_url(server)}/artifacts/key/tiny-pipeline-summary")
+    page.get_by_text(str(history[0].id)[:8]).wait_for()
+    page.screenshot(path=str(tmp_path / "summary-history.png"), full_page=True)
+    text = page.locator("body").inner_text()
+    assert len(history) == 2
+    for artifact in history:  # one entry per pipeline run, each naming its flow run
+        assert str(artifact.id)[:8] in text
