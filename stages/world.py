@@ -1,0 +1,478 @@
+"""Stage `world`: the tiny world r1flow runs on CPU.
+
+Built deterministically from a seed, with no network:
+- a verifiable reasoning task: multi-digit addition in English, answered as
+  `<think>column-by-column reasoning</think><answer>sum</answer>` (gold answers checked by math-verify);
+- datasets (see docs/DESIGN.md): cold_start, rl_prompts, eval (held out), general_sft, general_prompts,
+  general_eval, preference; each with a data card rendered from the templates in `data_cards/`;
+- a byte-level BPE tokenizer (digits split one per token) with a chat template, `<think>`/`<answer>`
+  tags as ordinary added tokens (STACK-NOTES trap: special tokens vanish when decoded);
+- a tiny Qwen2ForCausalLM base model (head_dim 64 for vLLM CPU), briefly pretrained on plain synthetic
+  text (numbers, one-digit sums, problem statements without solutions, general facts), so it is a base
+  model and not noise, but it has never seen the answer format and does not solve the task;
+- a tiny judge, when `stages.judge.build_tiny_judge` exists (another module).
+
+Same seed -> byte-identical jsonl files (and, on the same machine and thread count, the same weights).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import random
+import time
+from pathlib import Path
+
+from pydantic import Field
+
+from stages.common import StageConfig, StageContext, seed_everything
+
+log = logging.getLogger(__name__)
+
+THINK, THINK_END, ANSWER, ANSWER_END = "<think>", "</think>", "<answer>", "</answer>"
+EOS, BOS, PAD = "<|im_end|>", "<|im_start|>", "<|endoftext|>"
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+CARDS_DIR = Path(__file__).resolve().parent.parent / "data_cards"
+DATASETS = ("cold_start", "rl_prompts", "eval", "general_sft", "general_prompts", "general_eval", "preference")
+
+
+class Config(StageConfig):
+    """Settings of the tiny world. Defaults build in about a minute on 2 CPU cores."""
+
+    seed: int | None = Field(None, description="seed for data, tokenizer and model; None uses the pipeline seed")
+    min_digits: int = Field(2, ge=1, le=6, description="fewest digits of the larger addend")
+    max_digits: int = Field(3, ge=1, le=6, description="most digits of either addend")
+    cjk_share: float = Field(
+        0.1, ge=0, le=1,
+        description="share of cold-start chains of thought that mix in a few Chinese words "
+        "(gives the language-consistency reward something to fix)")
+    n_cold_start: int = Field(1500, ge=1, description="cold-start examples (prompt + full chain of thought)")
+    n_rl_prompts: int = Field(2000, ge=1, description="RL prompts with gold answers")
+    n_eval: int = Field(200, ge=1, description="held-out reasoning eval prompts (never in any training split)")
+    n_general_sft: int = Field(400, ge=1, description="general (non-reasoning) SFT examples")
+    n_general_prompts: int = Field(300, ge=1, description="general prompts for stage 4")
+    n_general_eval: int = Field(60, ge=1, description="held-out general prompts")
+    n_preference: int = Field(1200, ge=1, description="preference pairs (prompt, chosen, rejected)")
+    vocab_size: int = Field(512, ge=300, description="byte-level BPE vocabulary size (incl. 256 byte symbols)")
+    hidden_size: int = Field(128, description="model width; hidden_size / num_heads must be 64 for vLLM CPU")
+    num_layers: int = Field(4, ge=1, description="transformer layers")
+    num_heads: int = Field(2, ge=1, description="attention heads (head_dim = hidden_size / num_heads)")
+    intermediate_size: int = Field(512, ge=1, description="MLP width")
+    max_position_embeddings: int = Field(512, ge=64, description="longest sequence the model supports")
+    pretrain_steps: int = Field(200, ge=0, description="causal-LM pretraining steps on the synthetic corpus")
+    pretrain_batch_size: int = Field(16, ge=1, description="sequences per pretraining step")
+    pretrain_seq_len: int = Field(128, ge=16, description="tokens per pretraining sequence (packed)")
+    pretrain_lr: float = Field(3e-3, gt=0, description="peak AdamW learning rate (linear warmup, cosine decay)")
+    pretrain_corpus_lines: int = Field(20000, ge=100, description="lines of synthetic pretraining text")
+    judge: bool = Field(True, description="also build the tiny judge (stages.judge.build_tiny_judge) if available")
+
+
+# ----------------------------------------------------------------------------- reasoning task
+
+PROMPT_TEMPLATES = (
+    "What is {a} + {b}?",
+    "Compute {a} + {b}.",
+    "Add {a} and {b}.",
+    "What is the sum of {a} and {b}?",
+    "Calculate {a} plus {b}.",
+)
+CJK_SWAPS = (("carry", "进位"), ("write", "写"), ("So the answer is", "所以答案是"))
+
+
+def addition_chain(a: int, b: int, cjk: int | None = None) -> str:
+    """Column-by-column addition, units first, e.g. for 347 + 85:
+    `347 + 85. 7+5=12, write 2 carry 1. 4+8+1=13, write 3 carry 1. 3+0+1=4, write 4 carry 0.
+    So the answer is 432.` With `cjk` = i, the English words of CJK_SWAPS[i] are replaced by Chinese ones."""
+    da, db = str(a)[::-1], str(b)[::-1]
+    steps, carry = [], 0
+    for i in range(max(len(da), len(db))):
+        x, y = int(da[i]) if i < len(da) else 0, int(db[i]) if i < len(db) else 0
+        s = x + y + carry
+        lhs = f"{x}+{y}" + (f"+{carry}" if carry else "")
+        carry = s // 10
+        steps.append(f"{lhs}={s}, write {s % 10} carry {carry}.")
+    if carry:
+        steps.append(f"write {carry}.")
+    text = f"{a} + {b}. " + " ".join(steps) + f" So the answer is {a + b}."
+    if cjk is not None:
+        en, zh = CJK_SWAPS[cjk]
+        text = text.replace(en, zh)
+    return text
+
+
+def reasoning_completion(a: int, b: int, cjk: int | None = None) -> str:
+    return f"{THINK}{addition_chain(a, b, cjk)}{THINK_END}{ANSWER}{a + b}{ANSWER_END}"
+
+
+def _user(text: str) -> list[dict]:
+    return [{"role": "user", "content": text}]
+
+
+def _assistant(text: str) -> list[dict]:
+    return [{"role": "assistant", "content": text}]
+
+
+def _addition_pairs(rng: random.Random, n: int, cfg: Config, taken: set) -> list[tuple[int, int]]:
+    """`n` distinct (a, b) pairs not in `taken` (which is updated). The larger addend has between
+    min_digits and max_digits digits; the other between 1 and max_digits."""
+    out = []
+    while len(out) < n:
+        da = rng.randint(cfg.min_digits, cfg.max_digits)
+        db = rng.randint(1, cfg.max_digits)
+        a = rng.randint(10 ** (da - 1) if da > 1 else 0, 10**da - 1)
+        b = rng.randint(10 ** (db - 1) if db > 1 else 0, 10**db - 1)
+        if rng.random() < 0.5:
+            a, b = b, a
+        if (a, b) in taken:
+            continue
+        taken.add((a, b))
+        out.append((a, b))
+    return out
+
+
+def _reasoning_row(rng: random.Random, a: int, b: int) -> dict:
+    prompt = rng.choice(PROMPT_TEMPLATES).format(a=a, b=b)
+    return {"prompt": _user(prompt), "answer": str(a + b), "language": "en"}
+
+
+# ----------------------------------------------------------------------------- general (non-reasoning) task
+
+OPPOSITES = {"hot": "cold", "big": "small", "up": "down", "fast": "slow", "happy": "sad", "old": "new",
+             "day": "night", "light": "dark", "open": "closed", "full": "empty", "hard": "soft",
+             "early": "late", "high": "low", "left": "right", "wet": "dry", "long": "short",
+             "rich": "poor", "loud": "quiet", "strong": "weak", "first": "last"}
+OPPOSITES.update({v: k for k, v in list(OPPOSITES.items())})
+COLORS = {"grass": "green", "the sky": "blue", "snow": "white", "a banana": "yellow", "coal": "black",
+          "a tomato": "red", "an orange": "orange", "a carrot": "orange", "milk": "white", "a leaf": "green",
+          "the sun": "yellow", "a strawberry": "red", "chocolate": "brown", "the sea": "blue"}
+SOUNDS = {"dog": "woof", "cat": "meow", "cow": "moo", "duck": "quack", "sheep": "baa", "lion": "roar",
+          "owl": "hoot", "pig": "oink", "horse": "neigh", "bee": "buzz", "frog": "croak", "snake": "hiss"}
+CAPITALS = {"France": "Paris", "Japan": "Tokyo", "Italy": "Rome", "Spain": "Madrid", "Germany": "Berlin",
+            "Egypt": "Cairo", "Canada": "Ottawa", "Kenya": "Nairobi", "Peru": "Lima", "Norway": "Oslo",
+            "Greece": "Athens", "China": "Beijing", "Russia": "Moscow", "Ireland": "Dublin"}
+DAYS = ["Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday"]
+WORDS = ["apple", "house", "river", "tiger", "pencil", "garden", "window", "cloud", "bread", "music",
+         "planet", "rabbit", "stone", "candle", "forest", "mirror", "bottle", "dragon", "kitten", "ocean"]
+LETTERS = "abcdefghijklmnopqrstuvwxy"
+
+
+def general_facts() -> list[tuple[str, str, str, str]]:
+    """Every general question as (family, question, short answer, polite full answer)."""
+    facts = []
+    for w, o in OPPOSITES.items():
+        facts.append(("opposite", f"What is the opposite of {w}?", o, f"The opposite of {w} is {o}."))
+    for thing, c in COLORS.items():
+        facts.append(("color", f"What color is {thing}?", c, f"{thing[0].upper()}{thing[1:]} is {c}."))
+    for animal, s in SOUNDS.items():
+        facts.append(("sound", f"What sound does a {animal} make?", s, f"A {animal} says {s}."))
+    for country, city in CAPITALS.items():
+        facts.append(("capital", f"What is the capital of {country}?", city, f"The capital of {country} is {city}."))
+    for i, d in enumerate(DAYS):
+        nxt = DAYS[(i + 1) % 7]
+        facts.append(("day", f"What day comes after {d}?", nxt, f"The day after {d} is {nxt}."))
+    for i, ch in enumerate(LETTERS):
+        nxt = chr(ord(ch) + 1)
+        facts.append(("letter", f"What letter comes after {ch}?", nxt, f"The letter after {ch} is {nxt}."))
+    for w in WORDS:
+        facts.append(("length", f"How many letters are in the word {w}?", str(len(w)),
+                      f"The word {w} has {len(w)} letters."))
+        facts.append(("plural", f"What is the plural of {w}?", w + "s", f"The plural of {w} is {w}s."))
+    return facts
+
+
+GREETINGS = ("Hello!", "Hi there.", "Good morning!", "Hey, can you help me?", "Thank you for your help.")
+GREETING_REPLIES = {
+    "Hello!": "Hello! How can I help you today?",
+    "Hi there.": "Hi! What would you like to know?",
+    "Good morning!": "Good morning! How can I help you?",
+    "Hey, can you help me?": "Of course, I am happy to help. What do you need?",
+    "Thank you for your help.": "You are welcome! I am glad I could help.",
+}
+RUDE = ("That is a stupid question.", "Figure it out yourself.", "I do not care, go away.",
+        "Why would you ask me that? Ugh.", "Whatever, stop bothering me.")
+POLITE_OPENERS = ("", "Sure! ", "Good question. ", "Happy to help. ")
+FILLER = ("Well, let me think about many things that are not related at all.",
+          "There are so many words one could say here and I will say all of them.",
+          "This reminds me of a long story about something else entirely.")
+
+
+def general_completion(question: str, full: str, rng: random.Random) -> str:
+    """The chosen style: short reasoning, polite concise answer, same tag format as the task."""
+    return f"{THINK}The user asks: {question} {full}{THINK_END}{ANSWER}{rng.choice(POLITE_OPENERS)}{full}{ANSWER_END}"
+
+
+def rejected_completion(kind: str, question: str, full: str, other_full: str, short: str,
+                        rng: random.Random) -> str:
+    """A clearly worse response of the given kind for the preference set."""
+    if kind == "wrong":
+        return f"{THINK}The user asks: {question} {other_full}{THINK_END}{ANSWER}{other_full}{ANSWER_END}"
+    if kind == "rude":
+        return f"{THINK}Ugh.{THINK_END}{ANSWER}{rng.choice(RUDE)} {rng.choice(RUDE)}{ANSWER_END}"
+    if kind == "repetitive":
+        return f"{THINK}{short} {short} {short}{THINK_END}{ANSWER}" + " ".join([short] * rng.randint(8, 16)) + ANSWER_END
+    if kind == "overlong":
+        ramble = " ".join(rng.choice(FILLER) for _ in range(rng.randint(4, 7)))
+        return f"{THINK}{ramble}{THINK_END}{ANSWER}{ramble} {full} {ramble}{ANSWER_END}"
+    if kind == "irrelevant":
+        return f"{THINK}I will talk about something else.{THINK_END}{ANSWER}{other_full}{ANSWER_END}"
+    if kind == "no_format":
+        return short
+    raise ValueError(kind)
+
+
+REJECT_KINDS = ("wrong", "rude", "repetitive", "overlong", "irrelevant", "no_format")
+
+
+def _general_items(facts, rng: random.Random) -> list[tuple[str, str, str]]:
+    """All (question, short, full) items incl. greetings, shuffled deterministically."""
+    items = [(q, s, f) for _, q, s, f in facts] + [(g, GREETING_REPLIES[g], GREETING_REPLIES[g]) for g in GREETINGS]
+    rng.shuffle(items)
+    return items
+
+
+def build_datasets(cfg: Config, seed: int) -> dict[str, list[dict]]:
+    """All world datasets as lists of rows, a pure function of (cfg, seed)."""
+    rng = random.Random(seed)
+    taken: set = set()
+    eval_pairs = _addition_pairs(rng, cfg.n_eval, cfg, taken)  # drawn first: never reused below
+    cold_pairs = _addition_pairs(rng, cfg.n_cold_start, cfg, taken)
+    rl_pairs = _addition_pairs(rng, cfg.n_rl_prompts, cfg, taken)
+    data: dict[str, list[dict]] = {}
+    data["eval"] = [_reasoning_row(rng, a, b) for a, b in eval_pairs]
+    data["rl_prompts"] = [_reasoning_row(rng, a, b) for a, b in rl_pairs]
+    cold = []
+    for a, b in cold_pairs:
+        row = _reasoning_row(rng, a, b)
+        cjk = rng.randrange(len(CJK_SWAPS)) if rng.random() < cfg.cjk_share else None
+        cold.append({"prompt": row["prompt"], "completion": _assistant(reasoning_completion(a, b, cjk)),
+                     "answer": row["answer"], "language": "en"})
+    data["cold_start"] = cold
+
+    # General questions: a held-out set of questions for general_eval, the rest for training splits.
+    items = _general_items(general_facts(), rng)
+    n_held = max(1, len(items) // 5)
+    held, train_items = items[:n_held], items[n_held:]
+    data["general_eval"] = [{"prompt": _user(q)} for q, _, _ in
+                            (held[i % len(held)] for i in range(cfg.n_general_eval))]
+    data["general_sft"] = []
+    for i in range(cfg.n_general_sft):
+        q, _, full = train_items[i % len(train_items)]
+        data["general_sft"].append({"prompt": _user(q), "completion": _assistant(general_completion(q, full, rng))})
+    data["general_prompts"] = [{"prompt": _user(train_items[rng.randrange(len(train_items))][0])}
+                               for _ in range(cfg.n_general_prompts)]
+    pref = []
+    for i in range(cfg.n_preference):
+        q, short, full = train_items[rng.randrange(len(train_items))]
+        _, _, other_full = train_items[rng.randrange(len(train_items))]
+        if other_full == full:
+            other_full = train_items[(train_items.index((q, short, full)) + 1) % len(train_items)][2]
+        kind = REJECT_KINDS[i % len(REJECT_KINDS)]
+        pref.append({"prompt": _user(q), "chosen": _assistant(general_completion(q, full, rng)),
+                     "rejected": _assistant(rejected_completion(kind, q, full, other_full, short, rng)),
+                     "rejected_kind": kind})
+    data["preference"] = pref
+    return data
+
+
+def pretraining_corpus(cfg: Config, seed: int, facts) -> list[str]:
+    """Plain text for the base model: numbers, one-digit sums, addition *questions* (no worked
+    solutions, no tags), and general facts as sentences."""
+    rng = random.Random(seed + 1)
+    lines = []
+    for _ in range(cfg.pretrain_corpus_lines):
+        r = rng.random()
+        if r < 0.2:
+            lines.append(" ".join(str(rng.randint(0, 10 ** rng.randint(1, cfg.max_digits + 1))) for _ in range(rng.randint(3, 8))))
+        elif r < 0.45:
+            x, y = rng.randint(0, 9), rng.randint(0, 9)
+            c = rng.randint(0, 1)
+            lines.append(f"{x}+{y}+{c}={x + y + c}, write {(x + y + c) % 10} carry {(x + y + c) // 10}." if c else
+                         f"{x}+{y}={x + y}, write {(x + y) % 10} carry {(x + y) // 10}.")
+        elif r < 0.65:
+            a, b = _addition_pairs(rng, 1, cfg, set())[0]
+            lines.append(rng.choice(PROMPT_TEMPLATES).format(a=a, b=b))
+        elif r < 0.72:
+            lines.append(rng.choice(GREETINGS) + " " + rng.choice(list(GREETING_REPLIES.values())))
+        else:
+            _, q, _, full = rng.choice(facts)
+            lines.append(f"{q} {full}" if rng.random() < 0.5 else full)
+    return lines
+
+
+# ----------------------------------------------------------------------------- tokenizer and model
+
+
+def build_tokenizer(corpus: list[str], vocab_size: int):
+    """Byte-level BPE (digits split one per token) wrapped in PreTrainedTokenizerFast with the chat template."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers  # noqa: PLC0415
+    from transformers import PreTrainedTokenizerFast  # noqa: PLC0415
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Digits(individual_digits=True),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+    ])
+    tok.decoder = decoders.ByteLevel()
+    specials = [PAD, BOS, EOS]
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(corpus, trainer=trainer)
+    # Tags are ordinary (non-special) tokens: decoding with skip_special_tokens=True keeps them.
+    tok.add_tokens([AddedToken(t, normalized=False, special=False) for t in (THINK, THINK_END, ANSWER, ANSWER_END)])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS, pad_token=PAD, bos_token=None,
+                                   unk_token=None, clean_up_tokenization_spaces=False)
+    fast.add_special_tokens({"additional_special_tokens": [BOS]})
+    fast.chat_template = CHAT_TEMPLATE
+    fast.padding_side = "left"
+    return fast
+
+
+def pretrain(model, tokenizer, corpus: list[str], cfg: Config, seed: int, progress=None) -> list[dict]:
+    """Plain causal-LM pretraining on packed corpus text; returns the loss history."""
+    import math  # noqa: PLC0415
+
+    import torch  # noqa: PLC0415
+
+    ids: list[int] = []
+    for line in corpus:
+        ids.extend(tokenizer(line, add_special_tokens=False)["input_ids"] + [tokenizer.pad_token_id])
+    data = torch.tensor(ids[: len(ids) // cfg.pretrain_seq_len * cfg.pretrain_seq_len]).view(-1, cfg.pretrain_seq_len)
+    gen = torch.Generator().manual_seed(seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.pretrain_lr, weight_decay=0.01)
+    warm = max(1, cfg.pretrain_steps // 10)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / max(1, cfg.pretrain_steps)))))
+    model.train()
+    history = []
+    for step in range(cfg.pretrain_steps):
+        batch = data[torch.randint(len(data), (cfg.pretrain_batch_size,), generator=gen)]
+        loss = model(input_ids=batch, labels=batch).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        if step % 25 == 0 or step == cfg.pretrain_steps - 1:
+            history.append({"step": step + 1, "loss": round(loss.item(), 4)})
+            log.info("pretrain step %d/%d loss %.4f", step + 1, cfg.pretrain_steps, loss.item())
+            if progress:
+                progress((step + 1) / cfg.pretrain_steps)
+    model.eval()
+    return history
+
+
+def build_base_model(tokenizer, cfg: Config, seed: int):
+    import torch  # noqa: PLC0415
+    from transformers import GenerationConfig, Qwen2Config, Qwen2ForCausalLM  # noqa: PLC0415
+
+    torch.manual_seed(seed)
+    config = Qwen2Config(
+        vocab_size=len(tokenizer), hidden_size=cfg.hidden_size, num_hidden_layers=cfg.num_layers,
+        num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.num_heads,
+        head_dim=cfg.hidden_size // cfg.num_heads, intermediate_size=cfg.intermediate_size,
+        max_position_embeddings=cfg.max_position_embeddings, tie_word_embeddings=True,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, bos_token_id=None,
+        rope_theta=10000.0, dtype="float32",
+    )
+    model = Qwen2ForCausalLM(config)
+    model.generation_config = GenerationConfig(
+        eos_token_id=[tokenizer.eos_token_id, tokenizer.pad_token_id], pad_token_id=tokenizer.pad_token_id,
+        do_sample=True, temperature=0.6, top_p=0.95, max_new_tokens=128)
+    return model
+
+
+# ----------------------------------------------------------------------------- files and cards
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> str:
+    """Write rows as UTF-8 JSON lines (stable key order) and return the file's sha256."""
+    text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+    path.write_text(text, encoding="utf-8")
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def write_card(name: str, rows: list[dict], sha: str, cfg: Config, seed: int, out: Path) -> None:
+    """Render data_cards/<name>.md (a Jinja template with YAML metadata) with sizes and seed."""
+    from huggingface_hub import DatasetCard, DatasetCardData  # noqa: PLC0415
+
+    n = len(rows)
+    size = "n<1K" if n < 1000 else "1K<n<10K" if n < 10000 else "10K<n<100K"
+    data = DatasetCardData(language=["en"], license="apache-2.0", size_categories=[size],
+                           task_categories=["text-generation"], pretty_name=f"r1flow tiny world: {name}",
+                           tags=["r1flow", "synthetic", "tiny-world"])
+    card = DatasetCard.from_template(
+        data, template_path=str(CARDS_DIR / f"{name}.md"), name=name, num_rows=n, seed=seed, sha256=sha,
+        columns=", ".join(rows[0].keys()) if rows else "", min_digits=cfg.min_digits, max_digits=cfg.max_digits,
+        cjk_share=cfg.cjk_share, example=json.dumps(rows[0], ensure_ascii=False) if rows else "")
+    card.save(out / f"{name}.md")
+
+
+def run(cfg: Config, ctx: StageContext) -> dict:
+    """Build the world into ctx.out_dir (layout in docs/DESIGN.md); returns metrics."""
+    import torch  # noqa: PLC0415
+
+    t0 = time.time()
+    seed = ctx.seed if cfg.seed is None else cfg.seed
+    seed_everything(seed)
+    out = Path(ctx.out_dir)
+    (out / "data").mkdir(parents=True, exist_ok=True)
+    (out / "cards").mkdir(parents=True, exist_ok=True)
+
+    data = build_datasets(cfg, seed)
+    hashes = {}
+    for name in DATASETS:
+        hashes[name] = write_jsonl(out / "data" / f"{name}.jsonl", data[name])
+        write_card(name, data[name], hashes[name], cfg, seed, out / "cards")
+    log.info("world datasets written: %s", {k: len(v) for k, v in data.items()})
+    ctx.reporter.progress(0.05, "datasets written")
+
+    corpus = pretraining_corpus(cfg, seed, general_facts())
+    tokenizer = build_tokenizer(corpus, cfg.vocab_size)
+    model = build_base_model(tokenizer, cfg, seed)
+    n_params = sum(p.numel() for p in model.parameters())
+    log.info("base model: %d parameters, vocab %d", n_params, len(tokenizer))
+    history = pretrain(model, tokenizer, corpus, cfg, seed,
+                       progress=lambda f: ctx.reporter.progress(0.05 + 0.85 * f, "pretraining base model"))
+    base = out / "base_model"
+    model.save_pretrained(base, safe_serialization=True)
+    tokenizer.save_pretrained(base)
+    tokenizer.save_pretrained(out / "tokenizer")
+    write_base_model_card(base, cfg, seed, n_params, history)
+
+    metrics = {"seed": seed, "sizes": {k: len(v) for k, v in data.items()}, "sha256": hashes,
+               "base_model_parameters": n_params, "vocab_size": len(tokenizer),
+               "pretrain_final_loss": history[-1]["loss"] if history else None, "history": history,
+               "torch_threads": torch.get_num_threads()}
+    if cfg.judge:
+        try:
+            from stages import judge  # noqa: PLC0415
+        except ImportError:
+            judge = None
+        if judge is not None and hasattr(judge, "build_tiny_judge"):
+            ctx.reporter.progress(0.9, "building tiny judge")
+            metrics["judge"] = judge.build_tiny_judge(out, seed)
+        else:
+            log.info("tiny judge skipped: stages.judge.build_tiny_judge is not available yet")
+            metrics["judge"] = None
+    metrics["runtime_s"] = round(time.time() - t0, 1)
+    ctx.reporter.progress(1.0, "world built")
+    return metrics
+
+
+def write_base_model_card(path: Path, cfg: Config, seed: int, n_params: int, history: list[dict]) -> None:
+    from huggingface_hub import ModelCard, ModelCardData  # noqa: PLC0415
+
+    data = ModelCardData(language=["en"], license="apache-2.0", library_name="transformers",
+                         tags=["r1flow", "tiny-world", "base-model"])
+    text = (f"---\n{data.to_yaml()}\n---\n\n# r1flow tiny-world base model\n\n"
+            f"A {n_params:,}-parameter Qwen2ForCausalLM (hidden {cfg.hidden_size}, {cfg.num_layers} layers, "
+            f"{cfg.num_heads} heads of 64) with a byte-level BPE tokenizer, pretrained for {cfg.pretrain_steps} "
+            f"steps on {cfg.pretrain_corpus_lines} lines of synthetic plain text (numbers, one-digit sums, "
+            f"addition questions without solutions, general facts). Seed {seed}. It has never seen the "
+            f"`<think>...</think><answer>...</answer>` format.\n\n"
+            f"Final pretraining loss: {history[-1]['loss'] if history else 'n/a'}.\n")
+    ModelCard(text).save(path / "README.md")
