@@ -22,7 +22,8 @@ from stages.common import Reporter
 log = logging.getLogger(__name__)
 
 # Column names / text patterns that must never reach an artifact.
-_SECRET_KEY = re.compile(r"token|secret|password|passwd|api[_-]?key|auth", re.IGNORECASE)
+_SECRET_KEY = re.compile(r"(^|[_.-])(token|api[_-]?key|secret|password|passwd|credentials?)$",
+                         re.IGNORECASE)
 _SECRET_TEXT = re.compile(r"\b(hf_[A-Za-z0-9]{20,}|sk-[A-Za-z0-9_-]{20,}|pnu_[A-Za-z0-9]{20,}|"
                           r"gh[pousr]_[A-Za-z0-9]{20,})\b")
 # Largest PNG embedded inline as a data: URI (bigger ones are linked instead).
@@ -160,7 +161,7 @@ class PrefectReporter(Reporter):
 
     def warning(self, key: str, text: str) -> None:
         """A warning artifact, also written to the run's log (shown in the UI's Logs tab)."""
-        self.markdown(key, f"**Warning**\n\n{text}", "warning")
+        self.markdown(key, f"**Warning**\n\n{text}", f"warning from {self.stage}")
         if _in_prefect_run():
             from prefect.logging import get_run_logger  # noqa: PLC0415
 

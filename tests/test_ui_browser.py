@@ -79,6 +79,16 @@ def test_redact(text, expected):
     assert redact(text) == expected
 
 
+@pytest.mark.parametrize("column, hidden", [
+    ("hf_token", True), ("token", True), ("WANDB_API_KEY", True), ("api-key", True),
+    ("db.password", True), ("client_secret", True), ("credentials", True),
+    ("num_tokens", False), ("completions/mean_length", False), ("tokens_per_second", False),
+    ("max_new_tokens", False), ("author", False), ("secretary_score", False),
+])
+def test_secret_columns_are_hidden(column, hidden):
+    assert (clean_rows([{column: "value"}])[0][column] == "***") == hidden
+
+
 def test_clean_rows_aligns_columns_and_cleans_cells():
     class Scalar:  # stands in for a numpy/torch scalar
         def item(self):
