@@ -341,10 +341,10 @@ def _require_browser() -> None:
         pytest.skip("; ".join(problems))
 
 
-def run_stand_in_pipeline(port: int, png: Path, cached: bool = False) -> tuple[str, dict[str, str]]:
+def run_stand_in_pipeline(port: int, png: Path, cached: bool = False) -> str:
     """Run a stand-in for the tiny pipeline against the server on `port`: a `pipeline` flow with one
-    nested subflow per stage reporting through `PrefectReporter`. Returns the pipeline's flow run
-    id and each stage's flow run id."""
+    nested subflow per stage (its flow run named after the stage, as in `pipeline.flows`)
+    reporting through `PrefectReporter`. Returns the pipeline's flow run id."""
     from prefect import flow
     from prefect.runtime import flow_run
     from prefect.settings import PREFECT_API_URL, temporary_settings
@@ -389,7 +389,21 @@ def run_stand_in_pipeline(port: int, png: Path, cached: bool = False) -> tuple[s
         from prefect.logging.handlers import APILogWorker
 
         APILogWorker.drain_all(timeout=5)  # send run logs now, before the server may go away
-    return str(state.state_details.flow_run_id), {res["stage"]: res["flow_run_id"] for res in results}
+    assert [res["stage"] for res in results] == STAGES
+    return str(state.state_details.flow_run_id)
+
+
+def stage_runs_of(port: int, pipeline_run_id: str) -> dict[str, str]:
+    """The nested stage flow runs of a pipeline flow run, by run name (the stage), via the API."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterParentFlowRunId
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings({PREFECT_API_URL: ui.api_url(port)}):
+        with get_client(sync_client=True) as client:
+            children = client.read_flow_runs(flow_run_filter=FlowRunFilter(
+                parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[pipeline_run_id])))
+    return {run.name: str(run.id) for run in children}
 
 
 @pytest.fixture(scope="module")
@@ -398,7 +412,8 @@ def runs(server, tmp_path_factory):
     png = plot_curves([{"step": s, "reward": s / 20, "loss": 1 / s} for s in range(1, 21)],
                       ["reward", "loss"], tmp_path_factory.mktemp("plots") / "curves.png")
     run_stand_in_pipeline(server, png)
-    return (*run_stand_in_pipeline(server, png, cached=True), png.parent)
+    pipeline_run = run_stand_in_pipeline(server, png, cached=True)
+    return pipeline_run, stage_runs_of(server, pipeline_run), png.parent
 
 
 def read_artifacts(port: int, **filters):
@@ -415,6 +430,7 @@ def test_artifacts_reach_the_server(server, runs):
     from prefect.client.schemas.filters import ArtifactFilterFlowRunId, ArtifactFilterKey
 
     pipeline_run, stage_runs, png_dir = runs
+    assert sorted(stage_runs) == sorted(STAGES)
     by_key = {a.key: a for a in read_artifacts(
         server, flow_run_id=ArtifactFilterFlowRunId(any_=[stage_runs["rejection-sft"]]))}
     assert set(by_key) == {f"tiny-rejection-sft-{k}" for k in
