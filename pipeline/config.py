@@ -71,7 +71,10 @@ class OrchestrationConfig(BaseModel):
 
 @lru_cache(maxsize=1)
 def pipeline_model() -> type[BaseModel]:
-    from stages import evaluate, world  # noqa: PLC0415
+    from stages import evaluate as evaluate_module  # noqa: PLC0415
+    from stages import world as world_module  # noqa: PLC0415
+
+    WorldConfig, EvalConfig, StagesConfig = world_module.Config, evaluate_module.Config, stages_model()
 
     class PipelineConfig(BaseModel):
         """One pipeline: where it starts, each stage's settings, where versions are stored."""
@@ -87,9 +90,9 @@ def pipeline_model() -> type[BaseModel]:
             "world:base_model", description="`world:base_model` (tiny world), a local model folder, or a hub id"
         )
         trust_remote_code: bool = Field(False, description="allow models' own Python code; off unless you trust it")
-        world: world.Config | None = Field(None, description="build the tiny synthetic world (CPU pipelines)")
-        eval: evaluate.Config = Field(default_factory=evaluate.Config, description="held-out evaluation after every stage")
-        stages: stages_model() = Field(..., description="per-stage settings; a missing block means the stage is skipped")  # type: ignore[valid-type]
+        world: WorldConfig | None = Field(None, description="build the tiny synthetic world (CPU pipelines)")
+        eval: EvalConfig = Field(default_factory=EvalConfig, description="held-out evaluation after every stage")
+        stages: StagesConfig = Field(..., description="per-stage settings; a missing block means the stage is skipped")
         orchestration: OrchestrationConfig = Field(default_factory=OrchestrationConfig)
 
         @model_validator(mode="after")

@@ -65,10 +65,19 @@ def trainer_args_validator(trl_class: str) -> Callable[[dict[str, Any]], dict[st
     return check
 
 
-def trainer_field(trl_class: str):
-    """A pydantic `field_validator` for a stage config's `trainer` dict, checked against `trl_class`."""
+def trainer_field(trl_class: str, field: str = "trainer"):
+    """A pydantic validator for a stage config's trainer-arguments dict, checked against `trl_class`.
+    Keys the user sets are merged over the field's defaults (its `default_factory`), so overriding
+    one argument in flows.yaml keeps the stage's other tuned defaults."""
     check = trainer_args_validator(trl_class)
-    return field_validator("trainer")(lambda cls, v: check(v))
+
+    def merge_and_check(cls, value):
+        if not isinstance(value, dict):
+            raise ValueError(f"expected a mapping of trl.{trl_class} arguments (got {type(value).__name__})")
+        factory = cls.model_fields[field].default_factory
+        return check({**(factory() if factory else {}), **value})
+
+    return field_validator(field, mode="before")(merge_and_check)
 
 
 class Reporter:
