@@ -9,7 +9,8 @@ reward climbs while held-out accuracy falls, or the text degenerates (loops, lon
 - degeneration signals on those answers: distinct-2, repetition rate, mean length in tokens,
 
 and raises an alarm when reward rose (since the last healthy check) while accuracy dropped more than
-`max_accuracy_drop` below its best, or when a degeneration bound is crossed. An alarm publishes a
+`max_accuracy_drop` below its best, or when a degeneration bound is crossed (bounds relative to the
+starting model's signals, measured at step 0, and optional absolute bounds). An alarm publishes a
 warning through the stage's reporter and, with `stop_on_alarm`, stops training and puts the weights
 of the last healthy check back into the model, so whatever the stage saves afterwards is healthy.
 A check that raises no alarm is healthy and saves its weights (safetensors) to `save_dir`.
@@ -51,15 +52,22 @@ class MonitorConfig(StageConfig):
         description="alarm when held-out accuracy falls more than this below its best healthy value while "
                     "the mean reward is above its value at the last healthy check")
     min_reward_rise: float = Field(0.0, description="how much the reward must have risen for the accuracy rule")
-    min_distinct2: float | None = Field(
-        0.2, ge=0, le=1, description="alarm when distinct-2 (unique word bigrams / all bigrams over the held-out "
-                                     "answers) falls below this; None turns the check off")
-    max_repetition: float | None = Field(
-        0.5, ge=0, le=1, description="alarm when the mean repeated-3-gram share of the answers exceeds this; "
-                                     "None turns the check off")
-    max_mean_length: float | None = Field(
-        None, gt=0, description="alarm when the mean answer length (tokens) exceeds this; None (default) turns the "
-                                "check off, since reasoning RL makes answers longer on purpose")
+    # Degeneration bounds relative to the starting model (its check at step 0): robust across tasks,
+    # since templated reasoning has a low distinct-2 to begin with.
+    max_distinct2_drop: float | None = Field(
+        0.4, ge=0, le=1, description="alarm when distinct-2 (unique word bigrams / all bigrams over the held-out "
+                                     "answers) falls below (1 - this) x its starting value; None: off")
+    max_repetition_rise: float | None = Field(
+        0.25, ge=0, le=1, description="alarm when the mean repeated-3-gram share of the answers exceeds its starting "
+                                      "value by more than this; None: off")
+    max_length_growth: float | None = Field(
+        None, gt=0, description="alarm when the mean answer length (tokens) exceeds (1 + this) x its starting "
+                                "value; None (default): off, since reasoning RL makes answers longer on purpose")
+    # Absolute bounds, for when you know what healthy text looks like.
+    min_distinct2: float | None = Field(None, ge=0, le=1, description="alarm when distinct-2 falls below this; None: off")
+    max_repetition: float | None = Field(None, ge=0, le=1, description="alarm when the repetition rate exceeds this; None: off")
+    max_mean_length: float | None = Field(None, gt=0, description="alarm when the mean answer length (tokens) exceeds this; "
+                                                                  "None: off")
     stop_on_alarm: bool = Field(True, description="on an alarm, stop training and restore the last healthy weights")
 
 
@@ -84,21 +92,33 @@ def heldout_accuracy(texts: list[str], answers: list[Any]) -> float | None:
 
 
 def check_problems(cfg: MonitorConfig, row: dict[str, Any], best_accuracy: float | None,
-                   reference_reward: float | None) -> list[str]:
+                   reference_reward: float | None, start: dict[str, Any] | None = None) -> list[str]:
     """The alarms one check raises (empty when healthy). `row` holds the check's signals; the
-    accuracy rule compares with the best healthy accuracy and the reward at the last healthy check."""
+    accuracy rule compares with the best healthy accuracy and the reward at the last healthy check;
+    relative degeneration bounds compare with `start` (the signals of the starting model)."""
     problems = []
     acc, reward = row.get("accuracy"), row.get("reward")
     if (acc is not None and best_accuracy is not None and reward is not None and reference_reward is not None
             and reward - reference_reward > cfg.min_reward_rise and best_accuracy - acc > cfg.max_accuracy_drop):
         problems.append(f"reward rose {reference_reward:.3f} -> {reward:.3f} while held-out accuracy fell "
                         f"{best_accuracy:.3f} -> {acc:.3f} (allowed drop {cfg.max_accuracy_drop})")
-    if cfg.min_distinct2 is not None and row["distinct_2"] < cfg.min_distinct2:
-        problems.append(f"distinct-2 {row['distinct_2']:.3f} below {cfg.min_distinct2}")
-    if cfg.max_repetition is not None and row["repetition"] > cfg.max_repetition:
-        problems.append(f"repetition rate {row['repetition']:.3f} above {cfg.max_repetition}")
-    if cfg.max_mean_length is not None and row["mean_length"] > cfg.max_mean_length:
-        problems.append(f"mean answer length {row['mean_length']:.1f} tokens above {cfg.max_mean_length}")
+    d2, rep, length = row["distinct_2"], row["repetition"], row["mean_length"]
+    if start is not None:
+        if cfg.max_distinct2_drop is not None and d2 < (1 - cfg.max_distinct2_drop) * start["distinct_2"]:
+            problems.append(f"distinct-2 fell {start['distinct_2']:.3f} -> {d2:.3f} (allowed drop "
+                            f"{cfg.max_distinct2_drop:.0%})")
+        if cfg.max_repetition_rise is not None and rep > start["repetition"] + cfg.max_repetition_rise:
+            problems.append(f"repetition rate rose {start['repetition']:.3f} -> {rep:.3f} (allowed rise "
+                            f"{cfg.max_repetition_rise})")
+        if cfg.max_length_growth is not None and length > (1 + cfg.max_length_growth) * start["mean_length"]:
+            problems.append(f"mean answer length grew {start['mean_length']:.1f} -> {length:.1f} tokens (allowed "
+                            f"growth {cfg.max_length_growth:.0%})")
+    if cfg.min_distinct2 is not None and d2 < cfg.min_distinct2:
+        problems.append(f"distinct-2 {d2:.3f} below {cfg.min_distinct2}")
+    if cfg.max_repetition is not None and rep > cfg.max_repetition:
+        problems.append(f"repetition rate {rep:.3f} above {cfg.max_repetition}")
+    if cfg.max_mean_length is not None and length > cfg.max_mean_length:
+        problems.append(f"mean answer length {length:.1f} tokens above {cfg.max_mean_length}")
     return problems
 
 
@@ -197,7 +217,8 @@ class _MonitorLogic:
             "mean_length": round(sum(lengths) / max(len(lengths), 1), 1),
         }
         reference = self._reference_reward if self._reference_reward is not None else self._first_reward
-        problems = check_problems(self.cfg, row, self._best_accuracy, reference)
+        problems = check_problems(self.cfg, row, self._best_accuracy, reference,
+                                  self.history[0] if self.history and not initial else None)
         self._last_check = step
         row["sample"] = completion_text(texts[0])[:160] if texts else ""
         if initial and problems:  # the starting model is the baseline, whatever it looks like

@@ -31,6 +31,7 @@ from pydantic import Field, field_validator
 
 from stages.common import StageConfig, StageContext, UserError, seed_everything, trainer_args_validator, trainer_field
 from stages.data import DatasetRef
+from stages.generation import GenerationConfig, generate
 from stages.monitor import MonitorConfig
 from stages.rewards import RewardsConfig, build_reward_funcs, completion_text, extract_answer, score_completion
 
@@ -70,15 +71,29 @@ DPO_DEFAULTS: dict[str, Any] = {
 }
 
 
+def _sampling() -> GenerationConfig:
+    return GenerationConfig(n=4, temperature=1.0, top_p=1.0, max_new_tokens=128)
+
+
+def _greedy() -> GenerationConfig:
+    return GenerationConfig(n=1, temperature=0.0, max_new_tokens=256)
+
+
 class DPOPairsConfig(StageConfig):
     """How `dpo` mode builds chosen/rejected pairs from sampled answers."""
 
     num_prompts: int = Field(256, ge=1, description="prompts (from the same reasoning/general mix) to sample answers for")
-    samples_per_prompt: int = Field(4, ge=2, description="sampled answers per prompt; the best and worst form a pair")
-    temperature: float = Field(1.0, gt=0, description="sampling temperature")
-    top_p: float = Field(1.0, gt=0, le=1, description="nucleus sampling")
-    max_new_tokens: int = Field(128, ge=1, description="generation budget of each answer")
+    generation: GenerationConfig = Field(
+        default_factory=_sampling, description="how answers are sampled from the stage-3 model (`n` >= 2 per "
+                                               "prompt; the best and worst form a pair)")
     min_margin: float = Field(0.5, ge=0, description="keep a pair only when best and worst scores differ by at least this")
+
+    @field_validator("generation")
+    @classmethod
+    def _two_samples(cls, value: GenerationConfig) -> GenerationConfig:
+        if value.n < 2 or value.temperature == 0:
+            raise ValueError("n must be >= 2 and temperature > 0 (pairs need different sampled answers)")
+        return value
 
 
 class Config(StageConfig):
@@ -105,7 +120,8 @@ class Config(StageConfig):
     rm_batch_size: int = Field(32, ge=1, description="batch size of reward-model scoring")
     eval_general: DatasetRef = Field("world:general_eval", description="held-out general prompts for the "
                                                                        "before/after reward-model score")
-    eval_max_new_tokens: int = Field(256, ge=1, description="generation budget of held-out answers")
+    eval_generation: GenerationConfig = Field(
+        default_factory=_greedy, description="how answers to the held-out general prompts are generated (greedy)")
     monitor: MonitorConfig = Field(default_factory=MonitorConfig, description="reward-hacking monitor")
     dpo: DPOPairsConfig = Field(default_factory=DPOPairsConfig, description="pair building in `dpo` mode")
     trainer: dict[str, Any] = Field(
@@ -235,46 +251,26 @@ def _load_rows(ctx: StageContext, ref, required: tuple[str, ...]) -> list[dict]:
     return list(ctx.resolve_dataset(ref, required_columns=required))
 
 
-def mean_rm_score(policy, tokenizer, rm, rm_tokenizer, prompts: list, cfg: Config) -> dict[str, Any]:
-    """Greedy answers of `policy` to `prompts`, scored by the reward model as in training
-    (helpfulness_weight * answer view + harmlessness_weight * whole response, normalised by the
-    weights' sum); returns the mean and a few samples."""
-    from stages.monitor import greedy_answers  # noqa: PLC0415
+def mean_rm_score(model_path: str, rm, rm_tokenizer, prompts: list, cfg: Config, trust_remote_code: bool = False) -> dict[str, Any]:
+    """Answers of the model at `model_path` to `prompts` (`cfg.eval_generation`, greedy by default),
+    scored by the reward model as in training: helpfulness_weight * answer view + harmlessness_weight
+    * whole response, divided by the weights' sum. Returns the mean, its parts and a few samples."""
     from stages.reward_model import score  # noqa: PLC0415
 
-    texts, lengths = greedy_answers(policy, tokenizer, prompts, cfg.eval_max_new_tokens)
+    records = [r[0] for r in generate(model_path, prompts, cfg.eval_generation, trust_remote_code=trust_remote_code)]
+    texts = [r["text"] for r in records]
     help_ = score(rm, rm_tokenizer, prompts, [answer_view(t) for t in texts], cfg.rm_batch_size)
     harm = score(rm, rm_tokenizer, prompts, texts, cfg.rm_batch_size)
-    total_w = cfg.helpfulness_weight + cfg.harmlessness_weight or 1.0
+    total_w = (cfg.helpfulness_weight + cfg.harmlessness_weight) or 1.0
     scores = [(cfg.helpfulness_weight * a + cfg.harmlessness_weight * b) / total_w for a, b in zip(help_, harm)]
-    return {"mean": sum(scores) / len(scores), "mean_helpfulness": sum(help_) / len(help_),
-            "mean_harmlessness": sum(harm) / len(harm), "mean_length": sum(lengths) / len(lengths),
+    n = max(len(scores), 1)
+    return {"mean": sum(scores) / n, "mean_helpfulness": sum(help_) / n, "mean_harmlessness": sum(harm) / n,
+            "mean_tokens": sum(r["num_tokens"] for r in records) / n,
             "samples": [{"prompt": p[-1]["content"], "answer": t, "score": round(s, 3)}
                         for p, t, s in list(zip(prompts, texts, scores))[:5]]}
 
 
 # ------------------------------------------------------------------------------------------ DPO pairs
-
-def sample_answers(policy, tokenizer, prompts: list, cfg: DPOPairsConfig, seed: int) -> list[list[str]]:
-    """`cfg.samples_per_prompt` sampled answers per prompt (transformers generate)."""
-    import torch  # noqa: PLC0415
-
-    torch.manual_seed(seed)
-    policy.eval()
-    eos = [i for i in {tokenizer.eos_token_id, tokenizer.pad_token_id} if i is not None]
-    out: list[list[str]] = []
-    device = next(policy.parameters()).device
-    for i in range(0, len(prompts), 16):
-        chats = [tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True) for p in prompts[i:i + 16]]
-        batch = tokenizer(chats, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False).to(device)
-        with torch.no_grad():
-            ids = policy.generate(**batch, do_sample=True, temperature=cfg.temperature, top_p=cfg.top_p, top_k=0,
-                                  max_new_tokens=cfg.max_new_tokens, num_return_sequences=cfg.samples_per_prompt,
-                                  eos_token_id=eos, pad_token_id=tokenizer.pad_token_id)
-        texts = tokenizer.batch_decode(ids[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
-        out += [texts[j:j + cfg.samples_per_prompt] for j in range(0, len(texts), cfg.samples_per_prompt)]
-    return out
-
 
 def build_pairs(rows: list[dict], samples: list[list[str]], scores: list[list[float]], min_margin: float) -> list[dict]:
     """One {prompt, chosen, rejected} pair per prompt: its best and worst sampled answer, when their
@@ -325,7 +321,7 @@ def run(cfg: Config, ctx: StageContext, callbacks: list | None = None) -> dict:
     monitor summary and the training log. `callbacks`: extra TrainerCallbacks."""
     import datasets  # noqa: PLC0415
     import trl  # noqa: PLC0415
-    from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: PLC0415
+    from transformers import AutoTokenizer  # noqa: PLC0415
 
     from stages.monitor import RewardHackingMonitor, load_eval_rows  # noqa: PLC0415
     from stages.reward_model import load_reward_model  # noqa: PLC0415
@@ -336,16 +332,14 @@ def run(cfg: Config, ctx: StageContext, callbacks: list | None = None) -> dict:
     policy_path, rm_path = _policy_path(cfg, ctx), _reward_model_path(cfg, ctx)
     rm, rm_tok = load_reward_model(rm_path, ctx.device, trust)
     tokenizer = AutoTokenizer.from_pretrained(policy_path, trust_remote_code=trust)
-    policy = AutoModelForCausalLM.from_pretrained(policy_path, trust_remote_code=trust, dtype="float32",
-                                                  use_safetensors=True).to(ctx.device)
-
-    eval_prompts = [r["prompt"] for r in _load_rows(ctx, cfg.eval_general, ("prompt",))]
-    ctx.reporter.progress(0.02, "scoring the stage-3 model on held-out general prompts")
-    before = mean_rm_score(policy, tokenizer, rm, rm_tok, eval_prompts, cfg)
-    log.info("held-out RM score of the stage-3 model: %.4f", before["mean"])
-
     reasoning = _load_rows(ctx, cfg.prompts, ("prompt", "answer"))
     general = _load_rows(ctx, cfg.general_prompts, ("prompt",))
+    eval_prompts = [r["prompt"] for r in _load_rows(ctx, cfg.eval_general, ("prompt",))]
+
+    ctx.reporter.progress(0.02, "scoring the stage-3 model on held-out general prompts")
+    before = mean_rm_score(policy_path, rm, rm_tok, eval_prompts, cfg, trust)
+    log.info("held-out RM score of the stage-3 model: %.4f", before["mean"])
+
     funcs, weights = build_rewards(cfg, rm, rm_tok)
     monitor = None
     if cfg.monitor.enabled:
@@ -355,48 +349,33 @@ def run(cfg: Config, ctx: StageContext, callbacks: list | None = None) -> dict:
         monitor = RewardHackingMonitor(mcfg, load_eval_rows(mcfg, ctx), tokenizer, ctx.work_dir / "healthy", ctx.reporter)
     all_callbacks = [c for c in [monitor, *(callbacks or [])] if c is not None]
     trainer_dir = ctx.work_dir / "trainer"
+    common = dict(output_dir=str(trainer_dir), seed=ctx.seed, use_cpu=ctx.device == "cpu", report_to="none",
+                  trust_remote_code=trust)
     metrics: dict[str, Any] = {"mode": cfg.mode, "policy": policy_path, "reward_model": rm_path}
 
     if cfg.mode == "grpo":
         rows = prompt_mix(reasoning, general, cfg.general_share, cfg.num_prompts, ctx.seed)
         metrics["train_prompts"] = {REASONING: sum(r["kind"] == REASONING for r in rows),
                                     GENERAL: sum(r["kind"] == GENERAL for r in rows)}
-        args = trl.GRPOConfig(output_dir=str(trainer_dir), seed=ctx.seed, use_cpu=ctx.device == "cpu",
-                              report_to="none", trust_remote_code=trust, reward_weights=weights,
-                              **{**GRPO_DEFAULTS, **cfg.trainer})
-        trainer = trl.GRPOTrainer(model=policy, reward_funcs=funcs, args=args, processing_class=tokenizer,
+        args = trl.GRPOConfig(**common, reward_weights=weights, **{**GRPO_DEFAULTS, **cfg.trainer})
+        trainer = trl.GRPOTrainer(model=policy_path, reward_funcs=funcs, args=args, processing_class=tokenizer,
                                   train_dataset=datasets.Dataset.from_list(rows), callbacks=all_callbacks)
     else:
-        rows = prompt_mix(reasoning, general, cfg.general_share, cfg.dpo.num_prompts, ctx.seed)
-        ctx.reporter.progress(0.1, f"sampling {cfg.dpo.samples_per_prompt} answers for {len(rows)} prompts")
-        samples = sample_answers(policy, tokenizer, [r["prompt"] for r in rows], cfg.dpo, ctx.seed)
-        flat_rows = [r for r, s in zip(rows, samples) for _ in s]
-        flat = [t for s in samples for t in s]
-        columns = {k: [r[k] for r in flat_rows] for k in ("answer", "language", "kind")}
-        totals = total_rewards(funcs, weights, [r["prompt"] for r in flat_rows], flat, columns)
-        k = cfg.dpo.samples_per_prompt
-        pairs = build_pairs(rows, samples, [totals[i:i + k] for i in range(0, len(totals), k)], cfg.dpo.min_margin)
-        (ctx.out_dir / "dpo_pairs.jsonl").write_text("".join(json.dumps(p, ensure_ascii=False) + "\n" for p in pairs))
-        metrics["dpo_pairs"] = {"prompts": len(rows), "pairs": len(pairs),
-                                REASONING: sum(p["kind"] == REASONING for p in pairs),
+        pairs = _dpo_pairs(cfg, ctx, reasoning, general, funcs, weights, trust)
+        metrics["dpo_pairs"] = {"pairs": len(pairs), REASONING: sum(p["kind"] == REASONING for p in pairs),
                                 GENERAL: sum(p["kind"] == GENERAL for p in pairs)}
-        log.info("dpo pairs: %s", metrics["dpo_pairs"])
-        if not pairs:
-            raise UserError(f"preference-rl dpo: no pair reached min_margin {cfg.dpo.min_margin} over {len(rows)} "
-                            "prompts (lower dpo.min_margin, or raise samples_per_prompt / temperature)")
-        args = trl.DPOConfig(output_dir=str(trainer_dir), seed=ctx.seed, use_cpu=ctx.device == "cpu",
-                             report_to="none", trust_remote_code=trust, **{**DPO_DEFAULTS, **cfg.dpo_trainer})
+        args = trl.DPOConfig(**common, **{**DPO_DEFAULTS, **cfg.dpo_trainer})
         train = datasets.Dataset.from_list([{k: p[k] for k in ("prompt", "chosen", "rejected")} for p in pairs])
-        trainer = trl.DPOTrainer(model=policy, args=args, train_dataset=train, processing_class=tokenizer,
+        trainer = trl.DPOTrainer(model=policy_path, args=args, train_dataset=train, processing_class=tokenizer,
                                  callbacks=all_callbacks)
 
     ctx.reporter.progress(0.15, f"{cfg.mode} training")
     trainer.train(resume_from_checkpoint=ctx.last_checkpoint(trainer_dir))
     out = ctx.out_dir / "model"
-    trainer.save_model(str(out))  # safetensors + tokenizer; healthy weights if the monitor stopped training
+    trainer.save_model(str(out))  # safetensors + tokenizer; the healthy weights if the monitor stopped training
 
     ctx.reporter.progress(0.92, "scoring the stage-4 model on held-out general prompts")
-    after = mean_rm_score(trainer.model, tokenizer, rm, rm_tok, eval_prompts, cfg)
+    after = mean_rm_score(str(out), rm, rm_tok, eval_prompts, cfg, trust)
     log.info("held-out RM score: stage 3 %.4f -> stage 4 %.4f", before["mean"], after["mean"])
     stage3 = _stage3_eval(ctx)
     metrics.update({
@@ -412,8 +391,30 @@ def run(cfg: Config, ctx: StageContext, callbacks: list | None = None) -> dict:
     ctx.reporter.table("rm-score", [{"model": "stage 3 (before)", "mean_rm_score": metrics["heldout_rm_score_before"]},
                                     {"model": "stage 4 (after)", "mean_rm_score": metrics["heldout_rm_score_after"]}],
                        description="mean reward-model score of greedy answers to held-out general prompts")
-    ctx.reporter.table("samples", [{"when": "before", **s} for s in before["samples"]]
+    ctx.reporter.table("rm-samples", [{"when": "before", **s} for s in before["samples"]]
                        + [{"when": "after", **s} for s in after["samples"]],
-                       description="held-out general prompts: greedy answers and their reward-model scores")
+                       description="held-out general prompts: answers and their reward-model scores")
     ctx.reporter.progress(1.0, "preference RL done")
     return metrics
+
+
+def _dpo_pairs(cfg: Config, ctx: StageContext, reasoning: list, general: list, funcs: list, weights: list,
+               trust: bool) -> list[dict]:
+    """Sample answers from the stage-3 model, score them with the routed rewards, keep best-vs-worst
+    pairs; also written to `<version>/dpo_pairs.jsonl`."""
+    rows = prompt_mix(reasoning, general, cfg.general_share, cfg.dpo.num_prompts, ctx.seed)
+    gen = cfg.dpo.generation
+    ctx.reporter.progress(0.1, f"sampling {gen.n} answers for each of {len(rows)} prompts")
+    samples = [[r["text"] for r in recs] for recs in
+               generate(_policy_path(cfg, ctx), [r["prompt"] for r in rows], gen, trust_remote_code=trust)]
+    flat_rows = [r for r, s in zip(rows, samples) for _ in s]
+    columns = {k: [r[k] for r in flat_rows] for k in ("answer", "language", "kind")}
+    totals = total_rewards(funcs, weights, [r["prompt"] for r in flat_rows], [t for s in samples for t in s], columns)
+    scores = [totals[i:i + gen.n] for i in range(0, len(totals), gen.n)]
+    pairs = build_pairs(rows, samples, scores, cfg.dpo.min_margin)
+    (ctx.out_dir / "dpo_pairs.jsonl").write_text("".join(json.dumps(p, ensure_ascii=False) + "\n" for p in pairs))
+    log.info("dpo: %d pairs from %d prompts", len(pairs), len(rows))
+    if not pairs:
+        raise UserError(f"preference-rl dpo: no pair reached min_margin {cfg.dpo.min_margin} over {len(rows)} "
+                        "prompts (lower dpo.min_margin, or raise dpo.generation.n / temperature)")
+    return pairs

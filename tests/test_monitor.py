@@ -50,6 +50,7 @@ def test_heldout_accuracy(texts, answers, expected):
 
 
 HEALTHY = {"accuracy": 0.6, "reward": 1.0, "distinct_2": 0.5, "repetition": 0.1, "mean_length": 60.0}
+START = {"accuracy": 0.6, "reward": None, "distinct_2": 0.2, "repetition": 0.05, "mean_length": 50.0}
 
 
 @pytest.mark.parametrize("changes, best, ref, cfg, fires", [
@@ -60,22 +61,37 @@ HEALTHY = {"accuracy": 0.6, "reward": 1.0, "distinct_2": 0.5, "repetition": 0.1,
     ({"accuracy": 0.3, "reward": 1.5}, None, 1.0, {}, None),             # no accuracy known yet
     ({"accuracy": 0.3, "reward": 1.5}, 0.6, None, {}, None),             # no reference reward yet
     ({"accuracy": 0.3, "reward": 1.05}, 0.6, 1.0, {"min_reward_rise": 0.1}, None),
-    ({"distinct_2": 0.1}, 0.6, 1.0, {}, "distinct-2"),
-    ({"distinct_2": 0.1}, 0.6, 1.0, {"min_distinct2": None}, None),      # check switched off
-    ({"repetition": 0.8}, 0.6, 1.0, {}, "repetition rate"),
-    ({"mean_length": 500.0}, 0.6, 1.0, {}, None),                        # length bound off by default
-    ({"mean_length": 500.0}, 0.6, 1.0, {"max_mean_length": 200}, "mean answer length"),
+    # relative bounds (start: distinct-2 0.2, repetition 0.05, length 50)
+    ({"distinct_2": 0.13}, 0.6, 1.0, {}, None),                          # -35%: within the allowed 40% drop
+    ({"distinct_2": 0.11}, 0.6, 1.0, {}, "distinct-2 fell"),             # -45%
+    ({"distinct_2": 0.11}, 0.6, 1.0, {"max_distinct2_drop": None}, None),
+    ({"repetition": 0.29}, 0.6, 1.0, {}, None),
+    ({"repetition": 0.35}, 0.6, 1.0, {}, "repetition rate rose"),
+    ({"mean_length": 500.0}, 0.6, 1.0, {}, None),                        # length growth off by default
+    ({"mean_length": 101.0}, 0.6, 1.0, {"max_length_growth": 1.0}, "length grew"),
+    ({"mean_length": 99.0}, 0.6, 1.0, {"max_length_growth": 1.0}, None),
+    # absolute bounds
+    ({"distinct_2": 0.15}, 0.6, 1.0, {"min_distinct2": 0.18}, "distinct-2 0.150 below"),
+    ({"repetition": 0.3}, 0.6, 1.0, {"max_repetition": 0.2, "max_repetition_rise": None}, "above 0.2"),
+    ({"mean_length": 500.0}, 0.6, 1.0, {"max_mean_length": 200}, "above 200"),
 ])
 def test_check_problems(changes, best, ref, cfg, fires):
-    problems = check_problems(MonitorConfig(**cfg), {**HEALTHY, **changes}, best, ref)
+    problems = check_problems(MonitorConfig(**cfg), {**HEALTHY, **changes}, best, ref, START)
     if fires is None:
         assert problems == []
     else:
-        assert len(problems) == 1 and fires in problems[0]
+        assert len(problems) == 1 and fires in problems[0], problems
+
+
+def test_relative_bounds_need_a_start():
+    row = {**HEALTHY, "distinct_2": 0.01, "repetition": 0.9}
+    assert check_problems(MonitorConfig(), row, 0.6, 1.0, None) == []
+    assert len(check_problems(MonitorConfig(), row, 0.6, 1.0, START)) == 2
 
 
 @pytest.mark.parametrize("bad", [{"eval_every": 0}, {"max_accuracy_drop": 2}, {"min_distinct2": -0.1},
-                                 {"max_mean_length": 0}, {"n_prompts": 0}, {"typo": 1}])
+                                 {"max_mean_length": 0}, {"max_distinct2_drop": 1.5}, {"max_length_growth": 0},
+                                 {"n_prompts": 0}, {"typo": 1}])
 def test_config_rejects(bad):
     with pytest.raises(ValidationError):
         MonitorConfig(**bad)
@@ -126,7 +142,7 @@ def test_monitor_fires_on_length_hacking_and_ends_healthy(stage3_policy, tiny_wo
 
     eval_rows = list(load("world:eval", tiny_world).select(range(16)))
     prompts = [{"prompt": r["prompt"], "answer": r["answer"]} for r in load("world:rl_prompts", tiny_world).select(range(256))]
-    cfg = MonitorConfig(eval_every=5, n_prompts=16, max_new_tokens=160, max_accuracy_drop=0.15, max_mean_length=120)
+    cfg = MonitorConfig(eval_every=5, n_prompts=16, max_new_tokens=160, max_accuracy_drop=0.15, max_length_growth=0.5)
     trainer, monitor = _grpo(stage3_policy, tmp_path, [length_reward], cfg, steps=60, lr=1e-4,
                              eval_rows=eval_rows, prompts=prompts)
     assert monitor.alarms, monitor.history
@@ -148,7 +164,7 @@ def test_monitor_stays_quiet_on_normal_run(stage3_policy, tiny_world, tmp_path):
     eval_rows = list(load("world:eval", tiny_world).select(range(16)))
     prompts = [{"prompt": r["prompt"], "answer": r["answer"]} for r in load("world:rl_prompts", tiny_world).select(range(256))]
     funcs, weights = build_reward_funcs(RewardsConfig())
-    cfg = MonitorConfig(eval_every=5, n_prompts=16, max_new_tokens=160, max_mean_length=120)
+    cfg = MonitorConfig(eval_every=5, n_prompts=16, max_new_tokens=160, max_length_growth=0.5)
     trainer, monitor = _grpo(stage3_policy, tmp_path, funcs, cfg, steps=20, lr=1e-5,
                              eval_rows=eval_rows, prompts=prompts)
     assert not monitor.alarms, monitor.history

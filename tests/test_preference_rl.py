@@ -235,7 +235,8 @@ def test_build_pairs_skips_identical_texts():
     ({"dpo_trainer": {"num_generations": 4}}, "num_generations"),  # a GRPO field is not a DPO field
     ({"general_share": 1.5}, "general_share"),
     ({"helpfulness_weight": -1}, "helpfulness_weight"),
-    ({"dpo": {"samples_per_prompt": 1}}, "samples_per_prompt"),
+    ({"dpo": {"generation": {"n": 1}}}, "n must be"),
+    ({"dpo": {"generation": {"temperature": 0}}}, "temperature"),
     ({"rewards": {"weights": {"bogus": 1.0}}}, "bogus"),
     ({"monitor": {"eval_every": 0}}, "eval_every"),
     ({"unknown": 1}, "unknown"),
@@ -291,7 +292,7 @@ def test_rm_rewards_route_on_real_reward_model(tiny_world, tiny_reward_model):
 def test_dpo_mode_runs_on_tiny_world(tiny_world, stage3_policy, tiny_reward_model, tmp_path):
     from stages import preference_rl
 
-    cfg = Config(mode="dpo", dpo={"num_prompts": 48, "samples_per_prompt": 4, "min_margin": 0.3},
+    cfg = Config(mode="dpo", dpo={"num_prompts": 48, "generation": {"n": 4, "temperature": 1.0}, "min_margin": 0.3},
                  dpo_trainer={"num_train_epochs": 1, "per_device_train_batch_size": 8},
                  monitor={"eval_every": 2, "n_prompts": 8, "max_new_tokens": 128})
     ctx = _stage_ctx(tmp_path, tiny_world, stage3_policy, tiny_reward_model)
