@@ -68,6 +68,10 @@ class Config(StageConfig):
     pretrain_seq_len: int = Field(128, ge=16, description="tokens per pretraining sequence (packed)")
     pretrain_lr: float = Field(3e-3, gt=0, description="peak AdamW learning rate (linear warmup, cosine decay)")
     pretrain_corpus_lines: int = Field(20000, ge=100, description="lines of synthetic pretraining text")
+    pretrain_worked_share: float = Field(
+        0.5, ge=0, le=0.8,
+        description="share of pretraining lines that are worked additions in plain prose (no tags, no chat); "
+        "the base model learns arithmetic like a math-pretrained model, not the answer format")
     judge: bool = Field(True, description="also build the tiny judge (stages.judge.build_tiny_judge) if available")
 
 
@@ -234,11 +238,16 @@ def _general_items(facts, rng: random.Random) -> list[tuple[str, str, str]]:
     return items
 
 
+def eval_pairs(cfg: Config, seed: int) -> list[tuple[int, int]]:
+    """The held-out (a, b) pairs: drawn first from the seed, so no other split or text can reuse them."""
+    return _addition_pairs(random.Random(seed), cfg.n_eval, cfg, set())
+
+
 def build_datasets(cfg: Config, seed: int) -> dict[str, list[dict]]:
     """All world datasets as lists of rows, a pure function of (cfg, seed)."""
     rng = random.Random(seed)
     taken: set = set()
-    eval_pairs = _addition_pairs(rng, cfg.n_eval, cfg, taken)  # drawn first: never reused below
+    eval_pairs = _addition_pairs(rng, cfg.n_eval, cfg, taken)  # drawn first (= eval_pairs()): never reused below
     cold_pairs = _addition_pairs(rng, cfg.n_cold_start, cfg, taken)
     rl_pairs = _addition_pairs(rng, cfg.n_rl_prompts, cfg, taken)
     data: dict[str, list[dict]] = {}
@@ -278,24 +287,25 @@ def build_datasets(cfg: Config, seed: int) -> dict[str, list[dict]]:
     return data
 
 
-def pretraining_corpus(cfg: Config, seed: int, facts) -> list[str]:
-    """Plain text for the base model: numbers, one-digit sums, addition *questions* (no worked
-    solutions, no tags), and general facts as sentences."""
+def pretraining_corpus(cfg: Config, seed: int, facts, exclude: set) -> list[str]:
+    """Plain text for the base model, like the math-heavy web text a real base model saw: worked
+    additions written out in prose (never for the held-out eval pairs in `exclude`, and never with
+    the chat format or the think/answer tags), bare questions, numbers, one-digit sums, and general
+    facts as sentences."""
     rng = random.Random(seed + 1)
     lines = []
     for _ in range(cfg.pretrain_corpus_lines):
         r = rng.random()
-        if r < 0.2:
-            lines.append(" ".join(str(rng.randint(0, 10 ** rng.randint(1, cfg.max_digits + 1))) for _ in range(rng.randint(3, 8))))
-        elif r < 0.45:
-            x, y = rng.randint(0, 9), rng.randint(0, 9)
-            c = rng.randint(0, 1)
-            lines.append(f"{x}+{y}+{c}={x + y + c}, write {(x + y + c) % 10} carry {(x + y + c) // 10}." if c else
-                         f"{x}+{y}={x + y}, write {(x + y) % 10} carry {(x + y) // 10}.")
-        elif r < 0.65:
+        if r < cfg.pretrain_worked_share:
+            a, b = _addition_pairs(rng, 1, cfg, set(exclude))[0]
+            q = rng.choice(PROMPT_TEMPLATES).format(a=a, b=b)
+            lines.append(f"Question: {q} Solution: {addition_chain(a, b)}")
+        elif r < cfg.pretrain_worked_share + 0.1:
             a, b = _addition_pairs(rng, 1, cfg, set())[0]
             lines.append(rng.choice(PROMPT_TEMPLATES).format(a=a, b=b))
-        elif r < 0.72:
+        elif r < cfg.pretrain_worked_share + 0.15:
+            lines.append(" ".join(str(rng.randint(0, 10 ** rng.randint(1, cfg.max_digits + 1))) for _ in range(rng.randint(3, 8))))
+        elif r < cfg.pretrain_worked_share + 0.2:
             lines.append(rng.choice(GREETINGS) + " " + rng.choice(list(GREETING_REPLIES.values())))
         else:
             _, q, _, full = rng.choice(facts)
@@ -430,7 +440,7 @@ def run(cfg: Config, ctx: StageContext) -> dict:
     log.info("world datasets written: %s", {k: len(v) for k, v in data.items()})
     ctx.reporter.progress(0.05, "datasets written")
 
-    corpus = pretraining_corpus(cfg, seed, general_facts())
+    corpus = pretraining_corpus(cfg, seed, general_facts(), set(eval_pairs(cfg, seed)))
     tokenizer = build_tokenizer(corpus, cfg.vocab_size)
     model = build_base_model(tokenizer, cfg, seed)
     n_params = sum(p.numel() for p in model.parameters())
