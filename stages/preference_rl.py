@@ -373,6 +373,7 @@ def run(cfg: Config, ctx: StageContext, callbacks: list | None = None) -> dict:
     trainer.train(resume_from_checkpoint=ctx.last_checkpoint(trainer_dir))
     out = ctx.out_dir / "model"
     trainer.save_model(str(out))  # safetensors + tokenizer; the healthy weights if the monitor stopped training
+    (out / "training_args.bin").unlink(missing_ok=True)  # a pickle; the version's manifest keeps the config
 
     ctx.reporter.progress(0.92, "scoring the stage-4 model on held-out general prompts")
     after = mean_rm_score(str(out), rm, rm_tok, eval_prompts, cfg, trust)

@@ -169,6 +169,7 @@ def run(cfg: Config, ctx: StageContext) -> dict:
     out = ctx.out_dir / "model"
     trainer.model.config.pad_token_id = tokenizer.pad_token_id
     trainer.save_model(str(out))  # safetensors (transformers default) + tokenizer
+    (out / "training_args.bin").unlink(missing_ok=True)  # a pickle; the version's manifest keeps the config
     ctx.reporter.progress(0.9, "scoring held-out pairs")
     rm, rm_tok = load_reward_model(str(out), ctx.device, trust)
     held = pairwise_accuracy(rm, rm_tok, heldout, cfg.score_batch_size)
