@@ -28,7 +28,7 @@ import random
 import re
 import time
 from pathlib import Path
-from typing import Any, Callable, Literal
+from typing import Any, Literal
 
 from pydantic import Field, field_validator
 
@@ -45,6 +45,11 @@ DEFAULT_TEMPLATE = (
     "Response: {response}\n"
     "Reply with one line: Verdict: correct, or Verdict: incorrect."
 )
+# The tiny world's judge reads a short prompt (its 512-token BPE vocabulary spells English words out
+# in pieces, so the long template would be half of every sequence), with the reference right after the
+# response, next to its answer block; saved with the model (JUDGE_FILE).
+TINY_TEMPLATE = "Q: {question}\nResponse: {response}\nRef: {reference}\nVerdict?"
+JUDGE_FILE = "r1flow_judge.json"
 _VERDICT_LINE = re.compile(r"verdict:[ \t]*(correct|incorrect)\.?", re.IGNORECASE)
 _ANY_VERDICT = re.compile(r"verdict\s*:", re.IGNORECASE)
 CANARY_NAMES = ("gibberish", "repeated-token", "bare-answer", "wrong-answer", "injection")
@@ -65,10 +70,11 @@ class JudgeConfig(StageConfig):
         default_factory=_default_generation,
         description="generation settings of the judge (a stages.generation.GenerationConfig: backend, "
                     "max_new_tokens, ...); greedy and short by default, n is forced to 1")
-    template: str = Field(
-        DEFAULT_TEMPLATE,
+    template: str | None = Field(
+        None,
         description="user message shown to the judge, with {question}, {reference} and {response} "
-                    "placeholders (the tiny world's judge was trained with the default)")
+                    "placeholders; None: the template saved with the judge model (r1flow_judge.json, written "
+                    "by build_tiny_judge), else DEFAULT_TEMPLATE")
     guard_examples: int = Field(
         4, ge=1, description="judge guard: prompts (with reference answers) used to build canaries; "
                              "each gets all five canaries")
@@ -84,7 +90,9 @@ class JudgeConfig(StageConfig):
 
     @field_validator("template")
     @classmethod
-    def _check_template(cls, template: str) -> str:
+    def _check_template(cls, template: str | None) -> str | None:
+        if template is None:
+            return None
         missing = [p for p in ("{question}", "{reference}", "{response}") if p not in template]
         if missing:
             raise ValueError(f"missing placeholder(s) {', '.join(missing)}")
@@ -120,6 +128,16 @@ def rule_verdict(reference: Any, response: str, min_reasoning_tokens: int = 3) -
     if format_problem(response) is not None or len(tokens(reasoning_text(response))) < min_reasoning_tokens:
         return False
     return verify_answer(reference, extract_answer(response)) is True
+
+
+def judge_template(cfg: JudgeConfig, model_path: str) -> str:
+    """The configured template, else the one saved with the judge model, else DEFAULT_TEMPLATE."""
+    if cfg.template is not None:
+        return cfg.template
+    saved = Path(model_path) / JUDGE_FILE
+    if saved.is_file():
+        return json.loads(saved.read_text())["template"]
+    return DEFAULT_TEMPLATE
 
 
 def question_text(prompt: Any) -> str:
@@ -211,7 +229,8 @@ def _run_judge(cfg: JudgeConfig, items: list[dict], model_path: str, progress=No
 
     if not items:
         return []
-    prompts = [judge_prompt(cfg.template, it["question"], it["reference"], it["response"]) for it in items]
+    template = judge_template(cfg, model_path)
+    prompts = [judge_prompt(template, it["question"], it["reference"], it["response"]) for it in items]
     gen_cfg = cfg.generation.model_copy(update={"n": 1})
     outputs = generate(model_path, prompts, gen_cfg, progress=progress, trust_remote_code=trust_remote_code)
     texts = [out[0]["text"] if out else "" for out in outputs]
@@ -228,6 +247,12 @@ def canary_items(examples: list[dict], seed: int = 0) -> list[dict]:
     return items
 
 
+def _canary_rows(probes: list[dict], outputs: list[tuple[str, bool | None]]) -> list[dict]:
+    return [{"question": p["question"][:80], "canary": p["canary"], "output": text[:120],
+             "verdict": {True: "correct", False: "incorrect", None: "no verdict"}[v], "accepted": v is True}
+            for p, (text, v) in zip(probes, outputs)]
+
+
 def judge_with_guard(cfg: JudgeConfig, examples: list[dict], items: list[dict], model_path: str,
                      progress=None, trust_remote_code: bool = False, seed: int = 0
                      ) -> tuple[GuardResult, list[bool | None] | None]:
@@ -236,10 +261,7 @@ def judge_with_guard(cfg: JudgeConfig, examples: list[dict], items: list[dict], 
     `items` are returned only when the guard passed (else None)."""
     probes = canary_items(examples, seed)
     outputs = _run_judge(cfg, probes + list(items), model_path, progress, trust_remote_code)
-    rows = [{"question": p["question"][:80], "canary": p["canary"], "output": text[:120],
-             "verdict": {True: "correct", False: "incorrect", None: "no verdict"}[v], "accepted": v is True}
-            for p, (text, v) in zip(probes, outputs)]
-    guard = _guard_result(rows, cfg.guard_max_accept_share)
+    guard = _guard_result(_canary_rows(probes, outputs), cfg.guard_max_accept_share)
     verdicts = [v for _, v in outputs[len(probes):]]
     return guard, (verdicts if guard.passed else None)
 
@@ -341,7 +363,7 @@ JUDGE_TRAINER_DEFAULTS: dict[str, Any] = {
     "warmup_steps": 10,
     "weight_decay": 0.0,
     "logging_steps": 20,
-    "max_length": 320,
+    "max_length": 384,
     "save_strategy": "no",
     "bf16": False,
 }
@@ -375,48 +397,53 @@ def _write_jsonl(path: Path, rows: list[dict]) -> None:
     path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
 
 
-def build_tiny_judge(world_dir: Path, seed: int, n_source: int = 600, n_eval_source: int = 60,
-                     trainer_args: dict[str, Any] | None = None, progress: Callable[[float], None] | None = None
-                     ) -> dict:
+def build_tiny_judge(world_dir: Path, seed: int, n_source: int = 200, n_eval_source: int = 40,
+                     trainer_args: dict[str, Any] | None = None) -> dict:
     """Train the tiny world's judge into `world_dir/judge` and write `data/judge_train.jsonl` and
-    `data/judge_eval.jsonl` (question, reference, response, verdict; held-out source questions never
-    trained on). Built from the world's cold-start rows (never its eval set): each question gets
-    correct chains and many kinds of bad responses (near misses, another question's chain, bare
+    `data/judge_eval.jsonl` (question, reference, response, kind, label). Built from the world's
+    cold-start rows (never its eval set; the last `n_eval_source` questions are held out): each question
+    gets correct chains and many kinds of bad responses (near misses, another question's chain, bare
     answers, gibberish, loops, truncations, prompt injections), labelled by `rule_verdict`. Returns
     metrics incl. `heldout_agreement` with the rule verifier (greedy verdicts; "no verdict" counts as
-    disagreement) and `canary_accept_share` of the judge guard on held-out questions."""
+    disagreement), per kind, and the judge guard's canary acceptance on held-out questions."""
+    import shutil  # noqa: PLC0415
+
     world_dir = Path(world_dir)
     t0 = time.time()
     source = _read_jsonl(world_dir / "data" / "cold_start.jsonl")
     if len(source) < n_source + n_eval_source:
         raise UserError(f"{world_dir}/data/cold_start.jsonl: needs at least {n_source + n_eval_source} rows "
                         f"to build the tiny judge (has {len(source)})")
-    train = judge_rows(source[:n_source], DEFAULT_TEMPLATE, seed)
-    heldout = judge_rows(source[-n_eval_source:], DEFAULT_TEMPLATE, seed + 1)
+    train = judge_rows(source[:n_source], TINY_TEMPLATE, seed)
+    heldout = judge_rows(source[-n_eval_source:], TINY_TEMPLATE, seed + 1)
     keep = ("question", "reference", "response", "kind", "label")
     _write_jsonl(world_dir / "data" / "judge_train.jsonl", [{k: r[k] for k in keep} for r in train])
     _write_jsonl(world_dir / "data" / "judge_eval.jsonl", [{k: r[k] for k in keep} for r in heldout])
 
     out = world_dir / "judge"
-    history = train_judge(str(world_dir / "base_model"), train, out, seed, world_dir / ".judge_work", trainer_args)
-    import shutil  # noqa: PLC0415
-
-    shutil.rmtree(world_dir / ".judge_work", ignore_errors=True)
+    work = world_dir / ".judge_work"
+    history = train_judge(str(world_dir / "base_model"), train, out, seed, work, trainer_args)
+    shutil.rmtree(work, ignore_errors=True)
+    (out / JUDGE_FILE).write_text(json.dumps({"template": TINY_TEMPLATE, "verdicts": ["Verdict: correct",
+                                                                                    "Verdict: incorrect"]}))
     train_s = time.time() - t0
 
     cfg = JudgeConfig(model=str(out), generation=GenerationConfig(backend="transformers", n=1, temperature=0.0,
-                                                                      max_new_tokens=8))
+                                                                  max_new_tokens=8))
     examples = [{"question": question_text(r["prompt"]), "reference": r["answer"]} for r in source[-8:]]
-    guard, verdicts = judge_with_guard(cfg, examples, heldout, str(out), seed=seed)
-    agree = [v == r["label"] for v, r in zip(verdicts or [], heldout)]
+    probes = canary_items(examples, seed)
+    outputs = _run_judge(cfg, probes + heldout, str(out))
+    guard = _guard_result(_canary_rows(probes, outputs), cfg.guard_max_accept_share)
+    verdicts = [v for _, v in outputs[len(probes):]]
+    agree = [v == r["label"] for v, r in zip(verdicts, heldout)]
     by_kind: dict[str, list[bool]] = {}
     for ok, r in zip(agree, heldout):
         by_kind.setdefault(r["kind"], []).append(ok)
     metrics = {
         "train_rows": len(train), "heldout_rows": len(heldout),
         "train_correct_share": round(sum(r["label"] for r in train) / len(train), 3),
-        "heldout_agreement": round(sum(agree) / max(1, len(agree)), 4) if verdicts is not None else None,
-        "heldout_no_verdict": sum(v is None for v in verdicts or []),
+        "heldout_agreement": round(sum(agree) / len(agree), 4),
+        "heldout_no_verdict": sum(v is None for v in verdicts),
         "agreement_by_kind": {k: round(sum(v) / len(v), 3) for k, v in sorted(by_kind.items())},
         "canary_accept_share": round(guard.accept_share, 3), "guard_passed": guard.passed,
         "final_loss": history[-1]["loss"] if history else None, "train_seconds": round(train_s, 1),
@@ -424,6 +451,4 @@ def build_tiny_judge(world_dir: Path, seed: int, n_source: int = 600, n_eval_sou
     }
     (out / "judge_metrics.json").write_text(json.dumps(metrics, indent=2))
     log.info("tiny judge: %s", metrics)
-    if verdicts is None:
-        log.warning("tiny judge: %s", guard.message)
     return metrics

@@ -23,7 +23,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field
 
 from stages.common import StageConfig, StageContext, UserError, seed_everything, trainer_field
 from stages.data import DatasetRef, as_spec
@@ -83,11 +83,6 @@ class Config(StageConfig):
                     "set by r1flow)")
 
     _check_trainer = trainer_field("SFTConfig")
-
-    @field_validator("judge", mode="before")
-    @classmethod
-    def _judge_block(cls, value):
-        return JudgeConfig() if value == {} else value
 
 
 # --------------------------------------------------------------------------------------------------
@@ -156,7 +151,8 @@ def _generate_samples(cfg: Config, ctx: StageContext, policy: str, prompts_ds) -
     samples = []
     for pid, (prompt, answer, language, records) in enumerate(zip(prompts, answers, languages, outputs)):
         for j, rec in enumerate(records):
-            samples.append({"prompt_id": pid, "sample": j, "prompt": prompt, "answer": answer or None,
+            samples.append({"prompt_id": pid, "sample": j, "prompt": prompt,
+                            "answer": None if answer in (None, "") else answer,
                             "language": language, "completion": rec["text"], "num_tokens": rec["num_tokens"],
                             "finish_reason": rec["finish_reason"]})
     n_tokens = sum(s["num_tokens"] for s in samples)
@@ -382,12 +378,11 @@ def _report(cfg: Config, ctx: StageContext, info: dict, results: list[dict], kep
     rep.table("funnel", info["funnel"], description="rejection funnel: generated -> each rule filter -> judge -> kept")
     rep.table("accepted-samples", _sample_rows(kept, cfg.show_samples), description="kept reasoning samples")
     rejected = [r for r in results if r["rejected_by"] not in (None, "keep-best")]
-    shown, seen = [], set()
-    for r in rejected:  # one per filter first, then the rest
-        if r["rejected_by"] not in seen:
-            seen.add(r["rejected_by"])
-            shown.append(r)
-    shown += [r for r in rejected if r not in shown]
+    first: dict[str, dict] = {}
+    for r in rejected:  # one sample per filter first, then the rest
+        first.setdefault(r["rejected_by"], r)
+    shown_ids = {id(r) for r in first.values()}
+    shown = list(first.values()) + [r for r in rejected if id(r) not in shown_ids]
     rep.table("rejected-samples", _sample_rows(shown, cfg.show_samples), description="rejected samples and why")
     rep.link("data-card", str(Path(ctx.out_dir) / "data" / "README.md"), description="stage-3 dataset card")
     kc = info["kept_correct_share"]

@@ -3,6 +3,10 @@ real tiny models (an always-accepting judge fine-tuned in a fixture, and the tin
 
 from __future__ import annotations
 
+import hashlib
+import json
+from pathlib import Path
+
 import pytest
 
 from stages import judge
@@ -110,3 +114,90 @@ def test_judge_rows_labels_follow_the_rules():
     kinds = {r["kind"]: r["label"] for r in out}
     assert kinds["near-miss"] is False and kinds["bare-answer"] is False and kinds["injection"] is False
     assert 0.2 < sum(r["label"] for r in out) / len(out) < 0.5
+
+
+# ------------------------------------------------------------------------ real tiny judges (slow, cached)
+
+ROOT = Path(__file__).resolve().parent.parent
+SMALL_WORLD = dict(min_digits=1, max_digits=2, n_cold_start=600, n_rl_prompts=64, n_eval=32, n_general_sft=120, n_general_prompts=10,
+                   n_general_eval=10, n_preference=12, pretrain_steps=150, pretrain_corpus_lines=6000, judge=True)
+
+
+def cache_dir(request, name: str, *sources: str) -> Path:
+    """A pytest-cache folder keyed by the source of the modules that build its content."""
+    digest = hashlib.sha256(b"".join((ROOT / s).read_bytes() for s in sources) + repr(SMALL_WORLD).encode())
+    return Path(request.config.cache.mkdir(f"r1flow-stage3-{name}-{digest.hexdigest()[:10]}"))
+
+
+@pytest.fixture(scope="session")
+def small_world(request) -> Path:
+    """A small tiny world built by the world stage, which trains the tiny judge (build_tiny_judge)."""
+    from stages import world
+    from stages.common import StageContext
+
+    out = cache_dir(request, "world", "stages/world.py", "stages/judge.py") / "world"
+    if not (out / "judge" / "judge_metrics.json").is_file():
+        ctx = StageContext(out_dir=out, work_dir=out.parent / "work", inputs={}, pipeline=None, seed=0)
+        metrics = world.run(world.Config(**SMALL_WORLD), ctx)
+        (out.parent / "world_metrics.json").write_text(json.dumps(metrics))
+    return out
+
+
+@pytest.fixture(scope="session")
+def always_accept_judge(request, small_world) -> Path:
+    """A real tiny judge that accepts everything: the world's base model fine-tuned a few steps on judge
+    prompts whose target is always `Verdict: correct`."""
+    out = cache_dir(request, "yes-judge", "stages/world.py", "stages/judge.py") / "judge"
+    if not (out / "config.json").is_file():
+        rows = [json.loads(line) for line in (small_world / "data" / "judge_train.jsonl").read_text().splitlines()]
+        train = [{"prompt": judge.judge_prompt(judge.TINY_TEMPLATE, r["question"], r["reference"], r["response"]),
+                  "completion": [{"role": "assistant", "content": "Verdict: correct"}]} for r in rows[:256]]
+        judge.train_judge(str(small_world / "base_model"), train, out, 0, out.parent / "work",
+                          {"max_steps": 12, "per_device_train_batch_size": 16, "learning_rate": 3e-3, "warmup_steps": 0})
+        (out / judge.JUDGE_FILE).write_text((small_world / "judge" / judge.JUDGE_FILE).read_text())
+    return out
+
+
+def _examples(world: Path, n: int = 4) -> list[dict]:
+    rows = [json.loads(line) for line in (world / "data" / "rl_prompts.jsonl").read_text().splitlines()][:n]
+    return [{"question": judge.question_text(r["prompt"]), "reference": r["answer"]} for r in rows]
+
+
+def _greedy(model: Path) -> judge.JudgeConfig:
+    return judge.JudgeConfig(model=str(model), generation={"backend": "transformers", "temperature": 0,
+                                                           "max_new_tokens": 8})
+
+
+@pytest.mark.slow
+def test_guard_trips_on_a_judge_that_accepts_everything(always_accept_judge, small_world):
+    guard = judge.check_judge(_greedy(always_accept_judge), _examples(small_world), str(always_accept_judge))
+    assert not guard.passed and guard.accept_share > 0.9
+    assert guard.message.startswith("judge guard failed")
+    for name in CANARY_NAMES:
+        assert f"{name} (4/4)" in guard.message
+    assert len(guard.rows) == 20 and all(r["verdict"] == "correct" for r in guard.rows)
+
+
+@pytest.mark.slow
+def test_tiny_world_judge_agrees_with_rules_and_passes_the_guard(small_world):
+    metrics = json.loads((small_world / "judge" / "judge_metrics.json").read_text())
+    assert metrics["heldout_agreement"] >= 0.9, metrics
+    guard = judge.check_judge(_greedy(small_world / "judge"), _examples(small_world), str(small_world / "judge"))
+    assert guard.passed, guard.message
+    assert guard.accept_share <= 0.2
+
+    # the verdicts it gives on fresh items follow the rules
+    ex = _examples(small_world, 6)
+    gold = [json.loads(line) for line in (small_world / "data" / "judge_eval.jsonl").read_text().splitlines()]
+    items = [{"question": g["question"], "reference": g["reference"], "response": g["response"]} for g in gold[:60]]
+    verdicts = judge.judge_samples(_greedy(small_world / "judge"), items, str(small_world / "judge"))
+    assert sum(v == g["label"] for v, g in zip(verdicts, gold)) >= 0.85 * len(items)
+    assert ex  # prompts for canaries exist
+
+
+def test_saved_template_is_used(tmp_path):
+    (tmp_path / judge.JUDGE_FILE).write_text(json.dumps({"template": "Q {question} R {reference} A {response}"}))
+    assert judge.judge_template(judge.JudgeConfig(), str(tmp_path)) == "Q {question} R {reference} A {response}"
+    assert judge.judge_template(judge.JudgeConfig(), str(tmp_path / "none")) == judge.DEFAULT_TEMPLATE
+    explicit = judge.JudgeConfig(template="{question}|{reference}|{response}")
+    assert judge.judge_template(explicit, str(tmp_path)) == "{question}|{reference}|{response}"

@@ -88,3 +88,148 @@ def test_config_defaults_and_merge():
     assert cfg.trainer["num_train_epochs"] == 1 and "learning_rate" in cfg.trainer  # merged over defaults
     assert cfg.judge is None and Config().judge.model == "world:judge"
     assert Config().start_from == "base"
+
+
+# ------------------------------------------------------------------------------------ end to end (slow)
+
+from stages.common import Reporter, StageContext, UserError  # noqa: E402
+from test_judge import always_accept_judge, cache_dir, small_world  # noqa: E402,F401  (shared session fixtures)
+
+
+class Recorder(Reporter):
+    """A real Reporter that keeps what the stage publishes, so the test can read it back."""
+
+    def __init__(self):
+        self.tables, self.markdowns, self.links, self.warnings, self.progress_values = {}, {}, {}, {}, []
+
+    def progress(self, fraction, message=""):
+        self.progress_values.append(fraction)
+
+    def table(self, key, rows, description=""):
+        self.tables[key] = (rows, description)
+
+    def markdown(self, key, text, description=""):
+        self.markdowns[key] = text
+
+    def link(self, key, target, description=""):
+        self.links[key] = target
+
+    def warning(self, key, text):
+        self.warnings[key] = text
+
+
+class Pipe:
+    """The two pipeline settings a stage reads (`base_model`, `trust_remote_code`)."""
+
+    base_model = "world:base_model"
+    trust_remote_code = False
+
+
+@pytest.fixture(scope="session")
+def policy_version(request, small_world) -> Path:
+    """Stand-in for a reasoning-rl version: the cold-start stage run on the small world (real TRL SFT)."""
+    from stages import cold_start_sft
+
+    out = cache_dir(request, "policy", "stages/world.py", "stages/judge.py", "stages/cold_start_sft.py") / "version"
+    if not (out / "model" / "config.json").is_file():
+        ctx = StageContext(out_dir=out, work_dir=out.parent / "work", inputs={"world": small_world}, pipeline=Pipe(),
+                           seed=0)
+        cold_start_sft.run(cold_start_sft.Config(trainer={"num_train_epochs": 6, "save_steps": 1000}), ctx)
+    return out
+
+
+def _ctx(tmp_path, world, policy_version, reporter=None):
+    return StageContext(out_dir=tmp_path / "out", work_dir=tmp_path / "work",
+                        inputs={"world": world, "reasoning-rl": policy_version}, pipeline=Pipe(), seed=0,
+                        reporter=reporter or Recorder(), version_id="rejection-sft-test",
+                        parents={"world": "world-test", "reasoning-rl": "reasoning-rl-test"})
+
+
+def _read(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+SMALL = dict(prompts={"path": "world:rl_prompts", "limit": 24}, keep_per_prompt=2, general_ratio=0.5,
+             trainer={"num_train_epochs": 1, "save_steps": 1000, "logging_steps": 2})
+
+
+@pytest.mark.slow
+def test_run_end_to_end_with_vllm(tmp_path, small_world, policy_version):
+    rec = Recorder()
+    cfg = Config(**SMALL, generation={"backend": "vllm", "n": 4, "temperature": 0.8, "max_new_tokens": 96},
+                 judge={"generation": {"backend": "transformers", "temperature": 0, "max_new_tokens": 8},
+                        "cross_check": 24})
+    ctx = _ctx(tmp_path, small_world, policy_version, rec)
+    metrics = rejection_sft.run(cfg, ctx)
+    out = ctx.out_dir
+
+    train, rejected = _read(out / "data" / "train.jsonl"), _read(out / "data" / "rejected.jsonl")
+    reasoning = [r for r in train if r["source"] == "reasoning"]
+    assert metrics["generation"]["backend"] == "vllm" and metrics["n_generated"] == 24 * 4
+    assert len(reasoning) + len(rejected) == metrics["n_generated"]
+    assert len(reasoning) >= 1 and metrics["n_general"] == round(0.5 * len(reasoning))
+    assert metrics["kept_correct_share"] >= 0.99
+    from stages.rewards import extract_answer, verify_answer
+    answers = {i: row["answer"] for i, row in enumerate(_read(small_world / "data" / "rl_prompts.jsonl")[:24])}
+    for r in reasoning:  # every kept sample is correct by the rule verifier (the judge decided none here)
+        assert verify_answer(answers[r["prompt_id"]], extract_answer(r["completion"][0]["content"])) or r["judged"]
+    per_prompt = {}
+    for r in reasoning:
+        per_prompt[r["prompt_id"]] = per_prompt.get(r["prompt_id"], 0) + 1
+    assert max(per_prompt.values()) <= 2
+    assert all(r["rejected_by"] and r["reason"] for r in rejected)
+
+    # the card matches the files
+    from huggingface_hub import DatasetCard
+    card = DatasetCard.load(out / "data" / "README.md")
+    meta = card.data.to_dict()["r1flow"]
+    assert meta["n_train"] == len(train) and meta["n_reasoning"] == len(reasoning)
+    assert meta["n_rejected"] == len(rejected) and meta["n_general"] == len(train) - len(reasoning)
+    funnel = meta["funnel"]
+    assert funnel[0] == {"step": "generated", "remaining": 24 * 4, "rejected": 0}
+    assert funnel[-1]["remaining"] == len(reasoning)
+    counts = {}
+    for r in rejected:
+        counts[r["rejected_by"]] = counts.get(r["rejected_by"], 0) + 1
+    for row in funnel[1:]:
+        name = {"kept (best per prompt)": "keep-best"}.get(row["step"], row["step"].split(" (")[0])
+        assert row["rejected"] == counts.get(name, 0), row
+    assert f"| **train.jsonl total** | **{len(train)}** |" in card.text
+    assert f"| rejected.jsonl | {len(rejected)} |" in card.text
+    for row in funnel:
+        assert f"| {row['step']} | {row['remaining']} | {row['rejected']} |" in card.text
+    assert sum(h["count"] for h in meta["length_histogram"]) == len(reasoning)
+    assert "`reasoning-rl-test`" in card.text and meta["sources"]["world"] == "world-test"
+
+    # the judge ran behind its guard; the report has the funnel, samples, canaries and the card link
+    assert metrics["judge"]["guard"]["passed"] and metrics["judge"]["cross_checked"] == 24
+    assert metrics["judge"]["agreement"] is not None
+    assert {"funnel", "accepted-samples", "rejected-samples", "judge-canaries"} <= set(rec.tables)
+    assert len(rec.tables["judge-canaries"][0]) == 5 * cfg.judge.guard_examples
+    assert rec.links["data-card"].endswith("data/README.md")
+    assert rec.progress_values and max(rec.progress_values) == 1.0
+    # SFT started from the base model and wrote a loadable checkpoint
+    assert (out / "model" / "model.safetensors").is_file() and metrics["start_from"] == "base"
+    assert metrics["sft"]["num_examples"] == len(train)
+
+
+@pytest.mark.slow
+def test_run_stops_on_a_judge_that_accepts_everything(tmp_path, small_world, policy_version, always_accept_judge):
+    judge_cfg = {"model": str(always_accept_judge), "cross_check": 8,
+                 "generation": {"backend": "transformers", "temperature": 0, "max_new_tokens": 8}}
+    cfg = Config(**SMALL, generation={"backend": "transformers", "n": 2, "max_new_tokens": 96}, judge=judge_cfg)
+    with pytest.raises(UserError) as err:
+        rejection_sft.run(cfg, _ctx(tmp_path, small_world, policy_version))
+    message = str(err.value)
+    assert "judge guard failed" in message
+    for name in ("gibberish", "repeated-token", "bare-answer", "wrong-answer", "injection"):
+        assert name in message
+
+    # rules-only: the stage goes on without the judge, and says so
+    rec = Recorder()
+    cfg = Config(**{**SMALL, "trainer": {"max_steps": 2}}, generation={"backend": "transformers", "n": 2,
+                 "max_new_tokens": 96}, judge={**judge_cfg, "on_guard_fail": "rules-only"})
+    metrics = rejection_sft.run(cfg, _ctx(tmp_path / "b", small_world, policy_version, rec))
+    assert metrics["judge"]["mode"] == "rules-only (guard failed)"
+    assert "judge guard failed" in rec.warnings["judge-guard"]
+    assert metrics["kept_correct_share"] >= 0.99
