@@ -15,7 +15,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from prefect import flow, get_run_logger
+from prefect import flow, get_run_logger, task
+from prefect.cache_policies import NO_CACHE
 
 from pipeline.config import STAGES, Loaded, load_config, stage_module
 from pipeline.store import Store, Version
@@ -194,22 +195,33 @@ def _prefect_reporter(pipeline: str, stage: str):
     return PrefectReporter(pipeline, stage)
 
 
+def _is_transient(task, task_run, state) -> bool:
+    """Retry crashes (a dying engine, a full disk), never the user's mistakes."""
+    return not isinstance(state.data, UserError)
+
+
+@task(name="stage-work", cache_policy=NO_CACHE, retry_condition_fn=_is_transient)
+def stage_task(config_file: str, pipeline: str, stage: str, upstream: dict[str, str] | None,
+               from_version: str | None, force: bool) -> dict[str, Any]:
+    return execute_stage(load_config(config_file), pipeline, stage, upstream, from_version, force, _prefect_reporter)
+
+
 @flow(name="r1flow-stage", flow_run_name="{stage}", log_prints=True)
 def stage_flow(config_file: str, pipeline: str, stage: str, upstream: dict[str, str] | None = None,
                from_version: str | None = None, force: bool = False) -> dict[str, Any]:
-    """One stage as a Prefect flow; runs alone (`r1flow stage`) or nested in the pipeline flow."""
-    loaded = load_config(config_file)
-    row = execute_stage(loaded, pipeline, stage, upstream, from_version, force, _prefect_reporter)
+    """One stage as a Prefect flow; runs alone (`r1flow stage`) or nested in the pipeline flow. Its work
+    is one task, retried per `orchestration.retries` when it fails for a reason other than user error."""
+    _, pipe = load_config(config_file).get(pipeline)
+    orch = pipe.orchestration
+    work = stage_task.with_options(name=stage, retries=orch.retries.get(stage, 0),
+                                   retry_delay_seconds=orch.retry_delay_seconds)
+    row = work(config_file, pipeline, stage, upstream, from_version, force)
     get_run_logger().info("%s: %s version %s", stage, "cached" if row["cached"] else "new", row["version"])
     return row
 
 
 def run_stage_flow(loaded: Loaded, pipeline: str, stage: str, **kwargs) -> dict[str, Any]:
-    """Call `stage_flow` with this stage's configured retries."""
-    _, pipe = loaded.get(pipeline)
-    orch = pipe.orchestration
-    flow_fn = stage_flow.with_options(retries=orch.retries.get(stage, 0), retry_delay_seconds=orch.retry_delay_seconds)
-    return flow_fn(config_file=str(loaded.path), pipeline=pipeline, stage=stage, **kwargs)
+    return stage_flow(config_file=str(loaded.path), pipeline=pipeline, stage=stage, **kwargs)
 
 
 class StageFailed(Exception):

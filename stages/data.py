@@ -102,6 +102,7 @@ def load(ref: DatasetRef, world_dir: Path | None, required_columns: tuple[str, .
     if spec.limit:
         ds = ds.select(range(min(spec.limit, len(ds))))
     for col, role in (("prompt", "user"), ("completion", "assistant"), ("chosen", "assistant"), ("rejected", "assistant")):
-        if col in ds.column_names and ds.features[col].dtype == "string":
+        feature = ds.features.get(col)
+        if isinstance(feature, datasets.Value) and feature.dtype in ("string", "large_string"):
             ds = ds.map(lambda row, c=col, r=role: {c: _to_chat(row[c], r)})
     return ds
