@@ -44,8 +44,9 @@ class Config(StageConfig):
     """Settings of the tiny world. Defaults build in about a minute on 2 CPU cores."""
 
     seed: int | None = Field(None, description="seed for data, tokenizer and model; None uses the pipeline seed")
-    min_digits: int = Field(2, ge=1, le=6, description="fewest digits of the larger addend")
-    max_digits: int = Field(3, ge=1, le=6, description="most digits of either addend")
+    min_digits: int = Field(3, ge=1, le=6, description="fewest digits of each addend")
+    max_digits: int = Field(3, ge=1, le=6, description="most digits of each addend (equal to min_digits: every "
+                                                        "digit sits at a fixed position, easiest for a tiny model)")
     cjk_share: float = Field(
         0.1, ge=0, le=1,
         description="share of cold-start chains of thought that mix in a few Chinese words "
@@ -121,16 +122,13 @@ def _assistant(text: str) -> list[dict]:
 
 
 def _addition_pairs(rng: random.Random, n: int, cfg: Config, taken: set) -> list[tuple[int, int]]:
-    """`n` distinct (a, b) pairs not in `taken` (which is updated). The larger addend has between
-    min_digits and max_digits digits; the other between 1 and max_digits."""
+    """`n` distinct (a, b) pairs not in `taken` (which is updated); each addend has between
+    min_digits and max_digits digits."""
     out = []
     while len(out) < n:
-        da = rng.randint(cfg.min_digits, cfg.max_digits)
-        db = rng.randint(1, cfg.max_digits)
+        da, db = rng.randint(cfg.min_digits, cfg.max_digits), rng.randint(cfg.min_digits, cfg.max_digits)
         a = rng.randint(10 ** (da - 1) if da > 1 else 0, 10**da - 1)
         b = rng.randint(10 ** (db - 1) if db > 1 else 0, 10**db - 1)
-        if rng.random() < 0.5:
-            a, b = b, a
         if (a, b) in taken:
             continue
         taken.add((a, b))

@@ -69,7 +69,7 @@ def test_gold_answers_and_digit_bounds():
     for row in world.build_datasets(cfg, 3)["rl_prompts"]:
         nums = [int(t.strip("?.")) for t in row["prompt"][0]["content"].split() if t.strip("?.").isdigit()]
         assert len(nums) == 2 and sum(nums) == int(row["answer"])
-        assert 3 <= len(str(max(nums))) <= 4
+        assert all(3 <= len(str(x)) <= 4 for x in nums)
 
 
 def test_preference_pairs_are_clearly_ordered():

@@ -1,0 +1,163 @@
+"""Stage 1 `cold-start`: supervised fine-tuning on long chain-of-thought examples with TRL's SFTTrainer,
+so the model answers as `<think>reasoning</think><answer>final</answer>`.
+
+The dataset is conversational prompt/completion; TRL applies the chat template and computes the loss
+on the assistant completion only (`completion_only_loss`). A killed run resumes from the newest
+checkpoint in `ctx.work_dir / "trainer"`. Also holds the helpers the training stages share:
+`ProgressCallback`, `load_policy`, `save_model`.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+from pydantic import Field
+
+from stages.common import StageConfig, StageContext, UserError, trainer_field
+from stages.data import DatasetRef
+
+log = logging.getLogger(__name__)
+
+
+def default_sft_args() -> dict[str, Any]:
+    """The tiny world's SFT settings: a deliberately light cold start (format + method, room left for RL)."""
+    return {
+        "learning_rate": 3e-3,
+        "per_device_train_batch_size": 32,
+        "num_train_epochs": 3,
+        "lr_scheduler_type": "cosine",
+        "warmup_steps": 0.05,
+        "weight_decay": 0.0,
+        "max_length": 256,
+        "logging_steps": 5,
+        "save_steps": 50,
+        "save_total_limit": 2,
+    }
+
+
+class Config(StageConfig):
+    """Stage 1 settings (`stages.cold-start` in flows.yaml)."""
+
+    model: str | None = Field(None, description="model to fine-tune: `world:base_model`, a local path or a hub id; "
+                                                "None uses the pipeline's base model")
+    dataset: DatasetRef = Field("world:cold_start", description="conversational prompt/completion data "
+                                                                "(columns prompt, completion)")
+    max_examples: int | None = Field(None, gt=0, description="use only the first N examples (None: all)")
+    trainer: dict[str, Any] = Field(default_factory=default_sft_args,
+                                    description="arguments passed through to trl.SFTConfig (output_dir, seed, "
+                                                "use_cpu and report_to are set by r1flow)")
+    trust_remote_code: bool = Field(False, description="allow custom model code from the hub (off: safer)")
+
+    _check_trainer = trainer_field("SFTConfig")
+
+
+# ----------------------------------------------------------------------------- shared training helpers
+
+
+def progress_callback(reporter, label: str):
+    """A TrainerCallback reporting `global_step / max_steps` to the stage's reporter."""
+    from transformers import TrainerCallback  # noqa: PLC0415
+
+    class ProgressCallback(TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kw):
+            if state.max_steps:
+                reporter.progress(min(1.0, state.global_step / state.max_steps),
+                                  f"{label}: step {state.global_step}/{state.max_steps}")
+
+    return ProgressCallback()
+
+
+def load_policy(path: str, trust_remote_code: bool = False):
+    """Model (float32) and tokenizer from a folder or hub id; loading problems become UserErrors."""
+    import torch  # noqa: PLC0415
+    from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: PLC0415
+
+    try:
+        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise UserError(f"model {path!r}: could not be loaded ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})") from exc
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    if not tok.chat_template:
+        raise UserError(f"model {path!r}: the tokenizer has no chat template (needed for conversational data)")
+    return model, tok
+
+
+def last_checkpoint(ctx: StageContext, trainer_dir: Path) -> str | None:
+    ckpt = ctx.last_checkpoint(trainer_dir)
+    if ckpt:
+        log.info("resuming from %s", ckpt)
+        ctx.reporter.progress(0.0, f"resuming from {ckpt}")
+    return ckpt
+
+
+def save_model(trainer, tokenizer, ctx: StageContext, stage: str, dataset: str, base: str,
+               metrics: dict) -> Path:
+    """Write the final model (safetensors, tokenizer + chat template, generation config) and a
+    model card into ctx.out_dir / "model"."""
+    from huggingface_hub import ModelCard, ModelCardData  # noqa: PLC0415
+
+    out = Path(ctx.out_dir) / "model"
+    trainer.save_model(str(out))  # safetensors by default; includes generation_config.json
+    (out / "training_args.bin").unlink(missing_ok=True)  # a pickle: weights folders hold safetensors only
+    tokenizer.save_pretrained(out)
+    card_data = ModelCardData(library_name="transformers", tags=["r1flow", stage, "trl"],
+                              base_model=base if not Path(base).exists() else None)
+    keys = [k for k in ("train_loss", "final_loss", "final_reward", "runtime_s", "global_step") if k in metrics]
+    lines = [f"---\n{card_data.to_yaml()}\n---\n", f"# r1flow `{stage}` checkpoint {ctx.version_id}".rstrip(), "",
+             f"- Trained from: `{base}`", f"- Dataset: `{dataset}`",
+             "- Parent versions: " + (", ".join(f"{k} `{v}`" for k, v in ctx.parents.items()) or "none"),
+             f"- Seed: {ctx.seed}, device: {ctx.device}", "", "## Metrics", ""]
+    lines += [f"- {k}: {metrics[k]}" for k in keys]
+    lines += ["", "Completion format: `<think>reasoning</think><answer>final</answer>`.", ""]
+    ModelCard("\n".join(lines)).save(out / "README.md")
+    return out
+
+
+def final_loss(history: list[dict]) -> float | None:
+    losses = [h["loss"] for h in history if "loss" in h]
+    return losses[-1] if losses else None
+
+
+# ----------------------------------------------------------------------------- stage
+
+
+def run(cfg: Config, ctx: StageContext, callbacks: list | None = None) -> dict:
+    """Fine-tune on the cold-start set; writes ctx.out_dir/model and returns metrics with the log history."""
+    from trl import SFTConfig, SFTTrainer  # noqa: PLC0415
+
+    from stages.common import seed_everything  # noqa: PLC0415
+
+    t0 = time.time()
+    seed_everything(ctx.seed)
+    base_ref = cfg.model or getattr(ctx.pipeline, "base_model", None) or "world:base_model"
+    base = ctx.resolve_model(base_ref)
+    ds = ctx.resolve_dataset(cfg.dataset, required_columns=("prompt", "completion"))
+    if cfg.max_examples:
+        ds = ds.select(range(min(cfg.max_examples, len(ds))))
+    ds = ds.select_columns(["prompt", "completion"])
+    model, tok = load_policy(base, cfg.trust_remote_code)
+
+    trainer_dir = Path(ctx.work_dir) / "trainer"
+    args = SFTConfig(output_dir=str(trainer_dir), seed=ctx.seed, use_cpu=ctx.device == "cpu", report_to="none",
+                     save_strategy="steps", **cfg.trainer)
+    trainer = SFTTrainer(model=model, args=args, train_dataset=ds, processing_class=tok,
+                         callbacks=[progress_callback(ctx.reporter, "cold-start"), *(callbacks or [])])
+    result = trainer.train(resume_from_checkpoint=last_checkpoint(ctx, trainer_dir))
+    history = [dict(h) for h in trainer.state.log_history]
+    metrics = {
+        "train_loss": round(result.training_loss, 4),
+        "final_loss": final_loss(history),
+        "global_step": trainer.state.global_step,
+        "num_examples": len(ds),
+        "runtime_s": round(time.time() - t0, 1),
+        "history": history,
+    }
+    dataset_label = cfg.dataset if isinstance(cfg.dataset, str) else cfg.dataset.path
+    save_model(trainer, tok, ctx, "cold-start", dataset_label, base_ref, metrics)
+    ctx.reporter.progress(1.0, "cold-start done")
+    return metrics

@@ -1,0 +1,111 @@
+"""Held-out evaluation of a checkpoint, as R1 reports it: pass@1 averaged over k samples at
+temperature 0.6 / top-p 0.95, plus greedy accuracy, format rate and mean completion length.
+
+Correctness uses the same verifier as the rewards (`stages.rewards.verify_answer` on
+`extract_answer`), format the same check as the format reward. The pipeline calls `evaluate` after
+every stage; `r1flow eval VERSION` calls it on one version.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Callable, Literal
+
+from pydantic import Field
+
+from stages.common import StageConfig
+from stages.data import DatasetRef
+
+log = logging.getLogger(__name__)
+
+
+class Config(StageConfig):
+    """What to evaluate on and how to sample. Defaults fit the tiny world (about 20 s on 2 cores)."""
+
+    dataset: DatasetRef = Field("world:eval", description="held-out prompts with gold answers (columns prompt, answer)")
+    limit: int | None = Field(200, gt=0, description="evaluate only the first N prompts (None: all)")
+    k: int = Field(4, ge=1, description="samples per prompt for pass@1 (mean correctness over k samples)")
+    temperature: float = Field(0.6, gt=0, description="sampling temperature for pass@1 (R1: 0.6)")
+    top_p: float = Field(0.95, gt=0, le=1, description="nucleus sampling mass for pass@1 (R1: 0.95)")
+    max_new_tokens: int = Field(128, ge=1, description="most tokens per completion")
+    greedy: bool = Field(True, description="also decode greedily once per prompt and report greedy_accuracy")
+    backend: Literal["transformers", "vllm"] = Field(
+        "transformers", description="generation backend (transformers is faster for tiny models on CPU)")
+    batch_size: int = Field(64, ge=1, description="prompts per generation batch")
+    seed: int = Field(1234, description="sampling seed (fixed so evaluations of different models are comparable)")
+    num_samples: int = Field(6, ge=0, description="how many example completions to return under `samples`")
+
+
+def evaluate(model_path: str, cfg: Config, world_dir: Path | None, rewards_cfg=None,
+             progress: Callable[[float], None] | None = None) -> dict:
+    """Evaluate `model_path` on `cfg.dataset`; returns JSON-able metrics (see module doc)."""
+    from stages.data import load  # noqa: PLC0415
+    from stages.generation import GenerationConfig, generate  # noqa: PLC0415
+    from stages.rewards import extract_answer, format_reward, score_completion, verify_answer  # noqa: PLC0415
+
+    t0 = time.time()
+    ds = load(cfg.dataset, world_dir, required_columns=("prompt", "answer"))
+    if cfg.limit:
+        ds = ds.select(range(min(cfg.limit, len(ds))))
+    prompts, golds = list(ds["prompt"]), list(ds["answer"])
+    languages = list(ds["language"]) if "language" in ds.column_names else [None] * len(prompts)
+    gen = dict(backend=cfg.backend, max_new_tokens=cfg.max_new_tokens, seed=cfg.seed, batch_size=cfg.batch_size)
+    share = 0.8 if cfg.greedy else 1.0
+    sampled = generate(model_path, prompts, GenerationConfig(n=cfg.k, temperature=cfg.temperature, top_p=cfg.top_p, **gen),
+                       progress=(lambda f: progress(share * f)) if progress else None)
+    greedy = generate(model_path, prompts, GenerationConfig(n=1, temperature=0.0, **gen),
+                      progress=(lambda f: progress(share + (1 - share) * f)) if progress else None) if cfg.greedy else None
+
+    def correct(text: str, gold) -> bool | None:
+        return verify_answer(gold, extract_answer(text))
+
+    per_prompt, formats, lengths, rewards, samples = [], [], [], [], []
+    greedy_hits = []
+    for i, (gold, lang) in enumerate(zip(golds, languages)):
+        verdicts = [correct(r["text"], gold) for r in sampled[i]]
+        judged = [v for v in verdicts if v is not None]
+        if judged:  # an unparseable gold answer can't be judged: the prompt is left out
+            per_prompt.append(sum(judged) / len(judged))
+        formats.extend(format_reward([r["text"] for r in sampled[i]]))
+        lengths.extend(r["num_tokens"] for r in sampled[i])
+        if rewards_cfg is not None:
+            row = {"answer": gold, **({"language": lang} if lang else {})}
+            rewards.extend(score_completion(r["text"], rewards_cfg, **row)["total"] for r in sampled[i])
+        if greedy is not None:
+            g = correct(greedy[i][0]["text"], gold)
+            if g is not None:
+                greedy_hits.append(g)
+        if len(samples) < cfg.num_samples:
+            samples.append({"prompt": _prompt_text(prompts[i]), "completion": sampled[i][0]["text"],
+                            "answer": str(gold), "correct": verdicts[0]})
+    metrics = {
+        "pass@1": _mean(per_prompt),
+        "greedy_accuracy": _mean(greedy_hits) if greedy is not None else None,
+        "format_rate": _mean(formats),
+        "mean_completion_tokens": _mean(lengths),
+        "n_prompts": len(prompts),
+        "n_judged": len(per_prompt),
+        "k": cfg.k,
+        "temperature": cfg.temperature,
+        "top_p": cfg.top_p,
+        "samples": samples,
+        "seconds": round(time.time() - t0, 1),
+    }
+    if rewards_cfg is not None:
+        metrics["mean_reward"] = _mean(rewards)
+    log.info("eval %s: pass@1 %.3f greedy %s format %.3f (%d prompts, k=%d, %.0fs)", model_path, metrics["pass@1"],
+             metrics["greedy_accuracy"], metrics["format_rate"], len(prompts), cfg.k, metrics["seconds"])
+    return metrics
+
+
+def _mean(values) -> float:
+    values = [float(v) for v in values]
+    return round(sum(values) / len(values), 4) if values else 0.0
+
+
+def _prompt_text(prompt) -> str:
+    if isinstance(prompt, str):
+        return prompt
+    return "\n".join(m["content"] for m in prompt if m.get("role") == "user") or str(prompt)
