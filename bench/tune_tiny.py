@@ -18,17 +18,7 @@ from stages import cold_start_sft, evaluate, reasoning_rl, world
 from stages.common import StageContext
 
 
-def _patch_datasets_list_dtype() -> None:
-    """stages/data.py reads `features[col].dtype`, which datasets 5's `List` feature lacks (bug reported);
-    give List a dtype until data.py is fixed."""
-    import datasets
-
-    if not hasattr(datasets.List, "dtype"):
-        datasets.List.dtype = property(lambda self: "list")
-
-
 def main() -> None:
-    _patch_datasets_list_dtype()
     ap = argparse.ArgumentParser()
     ap.add_argument("--root", required=True)
     ap.add_argument("--stages", default="world,base,cold-start,reasoning-rl")

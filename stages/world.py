@@ -8,8 +8,9 @@ Built deterministically from a seed, with no network:
 - a byte-level BPE tokenizer (digits split one per token) with a chat template, `<think>`/`<answer>`
   tags as ordinary added tokens (STACK-NOTES trap: special tokens vanish when decoded);
 - a tiny Qwen2ForCausalLM base model (head_dim 64 for vLLM CPU), briefly pretrained on plain synthetic
-  text (numbers, one-digit sums, problem statements without solutions, general facts), so it is a base
-  model and not noise, but it has never seen the answer format and does not solve the task;
+  text (worked additions in prose like a math-pretrained model saw, never the held-out eval pairs; bare
+  questions; numbers; general facts), so it is a base model and not noise, but it has never seen the
+  chat format or the think/answer tags and scores 0 on the task's answer format;
 - a tiny judge, when `stages.judge.build_tiny_judge` exists (another module).
 
 Same seed -> byte-identical jsonl files (and, on the same machine and thread count, the same weights).
@@ -479,8 +480,8 @@ def write_base_model_card(path: Path, cfg: Config, seed: int, n_params: int, his
     text = (f"---\n{data.to_yaml()}\n---\n\n# r1flow tiny-world base model\n\n"
             f"A {n_params:,}-parameter Qwen2ForCausalLM (hidden {cfg.hidden_size}, {cfg.num_layers} layers, "
             f"{cfg.num_heads} heads of 64) with a byte-level BPE tokenizer, pretrained for {cfg.pretrain_steps} "
-            f"steps on {cfg.pretrain_corpus_lines} lines of synthetic plain text (numbers, one-digit sums, "
-            f"addition questions without solutions, general facts). Seed {seed}. It has never seen the "
-            f"`<think>...</think><answer>...</answer>` format.\n\n"
+            f"steps on {cfg.pretrain_corpus_lines} lines of synthetic plain text (worked additions in prose, "
+            f"never the held-out eval pairs; bare questions; numbers; greetings; general facts). Seed {seed}. "
+            f"It has never seen the chat format or the `<think>...</think><answer>...</answer>` tags.\n\n"
             f"Final pretraining loss: {history[-1]['loss'] if history else 'n/a'}.\n")
     ModelCard(text).save(path / "README.md")
