@@ -42,7 +42,9 @@ class MonitorConfig(StageConfig):
     enabled: bool = Field(True, description="run the monitor during RL training")
     eval_every: int = Field(10, ge=1, description="optimizer steps between checks (a check runs at the first "
                                                   "training log at or after each multiple; keep logging_steps <= this)")
-    dataset: DatasetRef = Field("world:eval", description="held-out prompts with gold `answer`s for the accuracy check")
+    dataset: DatasetRef | None = Field(
+        None, description="held-out prompts with gold `answer`s for the accuracy check; None: the pipeline's "
+                          "`eval.dataset` (the tiny world's `world:eval` by default)")
     n_prompts: int = Field(32, ge=1, description="held-out prompts answered greedily at each check")
     max_new_tokens: int = Field(256, ge=1, description="generation budget of each held-out answer")
     reward_key: str = Field("reward", description="training-log key of the reward (GRPO: `reward`; "
@@ -290,7 +292,9 @@ def __getattr__(name: str):
 
 
 def load_eval_rows(cfg: MonitorConfig, ctx) -> list[dict]:
-    """The monitor's held-out rows (`prompt`, optional `answer`) from `cfg.dataset` in a stage context."""
-    ds = ctx.resolve_dataset(cfg.dataset, required_columns=("prompt",))
+    """The monitor's held-out rows (`prompt`, optional `answer`) in a stage context: `cfg.dataset`,
+    else the pipeline's eval dataset, else `world:eval`. The first `n_prompts` rows are used."""
+    ref = cfg.dataset or getattr(getattr(ctx.pipeline, "eval", None), "dataset", None) or "world:eval"
+    ds = ctx.resolve_dataset(ref, required_columns=("prompt",))
     ds = ds.select(range(min(cfg.n_prompts, len(ds))))
     return [{"prompt": r["prompt"], "answer": r.get("answer")} for r in ds]

@@ -12,6 +12,7 @@ from stages.monitor import (
     heldout_accuracy,
     repetition_rate,
 )
+from test_preference_rl import stage3_policy, tiny_world  # noqa: F401  (shared session fixtures)
 
 GOOD = "<think>12 + 5. 2+5=7, write 7 carry 0. 1+0=1, write 1 carry 0. So the answer is 17.</think><answer>17</answer>"
 
@@ -147,12 +148,14 @@ def test_monitor_fires_on_length_hacking_and_ends_healthy(stage3_policy, tiny_wo
                              eval_rows=eval_rows, prompts=prompts)
     assert monitor.alarms, monitor.history
     assert monitor.stopped and trainer.state.global_step < 60
-    first = monitor.history[0]
-    assert monitor.history[-1]["reward"] > first["reward"] if first["reward"] is not None else True
+    alarm, start = monitor.alarms[-1], monitor.history[0]
+    assert alarm["step"] == trainer.state.global_step and not alarm["healthy"]
+    assert alarm["mean_length"] > start["mean_length"] and alarm["reward"] > monitor.history[1]["reward"] - 1e-9, monitor.history
     # The final weights are those of the last healthy check: same greedy answers as it recorded.
     healthy = [row for row in monitor.history if row["step"] == monitor.healthy_step][-1]
+    assert healthy["healthy"] and healthy["step"] < alarm["step"]
     texts, lengths = greedy_answers(trainer.model, trainer.processing_class, [r["prompt"] for r in eval_rows], 160)
-    assert sum(lengths) / len(lengths) == pytest.approx(healthy["mean_length"])
+    assert round(sum(lengths) / len(lengths), 1) == healthy["mean_length"]
     assert heldout_accuracy(texts, [r["answer"] for r in eval_rows]) == healthy["accuracy"]
 
 
