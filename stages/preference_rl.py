@@ -9,9 +9,10 @@ harmlessness on the whole response, each with its own weight.
 
 Two modes:
 - `grpo` (default): TRL `GRPOTrainer` with the routed rewards;
-- `dpo`: sample `samples_per_prompt` answers per prompt from the stage-3 model, score them with the
-  same rewards, pair the best with the worst answer of each prompt (when their scores differ by at
-  least `min_margin`), then TRL `DPOTrainer` on those pairs.
+- `dpo`: sample `dpo.generation.n` answers per prompt from the stage-3 model (`stages.generation`:
+  transformers or vLLM), score them with the same routed rewards, pair the best with the worst answer
+  of each prompt (when their scores differ by at least `dpo.min_margin`), then TRL `DPOTrainer` on
+  those pairs (also written to `<version>/dpo_pairs.jsonl`).
 
 The reward-hacking monitor (`stages/monitor.py`) watches training in both modes. The stage writes the
 final model to `<version>/model` and reports the mean reward-model score of greedy answers to the
@@ -33,7 +34,7 @@ from stages.common import StageConfig, StageContext, UserError, seed_everything,
 from stages.data import DatasetRef
 from stages.generation import GenerationConfig, generate
 from stages.monitor import MonitorConfig
-from stages.rewards import RewardsConfig, build_reward_funcs, completion_text, extract_answer, score_completion
+from stages.rewards import RewardsConfig, build_reward_funcs, completion_text, extract_answer
 
 log = logging.getLogger(__name__)
 
