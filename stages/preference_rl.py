@@ -58,8 +58,8 @@ GRPO_DEFAULTS: dict[str, Any] = {
 }
 # DPOConfig settings r1flow uses unless `dpo_trainer:` overrides them.
 DPO_DEFAULTS: dict[str, Any] = {
-    "num_train_epochs": 1,
-    "learning_rate": 5e-6,
+    "num_train_epochs": 2,
+    "learning_rate": 5e-5,  # tiny world: 5e-6 barely moves the policy (RM score +0.2 instead of +1.4)
     "per_device_train_batch_size": 8,
     "beta": 0.1,
     "max_length": 384,
