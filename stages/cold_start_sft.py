@@ -23,17 +23,20 @@ log = logging.getLogger(__name__)
 
 
 def default_sft_args() -> dict[str, Any]:
-    """The tiny world's SFT settings: a deliberately light cold start (format + method, room left for RL)."""
+    """The tiny world's SFT settings: a deliberately light cold start. On the tiny world the model
+    learns the format within ~50 steps and the digit copying in a sharp transition between steps ~250
+    and ~380; 320 constant-lr steps stop inside it (held-out pass@1 about 0.13, greedy 0.16), leaving
+    room for RL. 376 cosine steps (8 epochs) reach pass@1 about 0.8."""
     return {
         "learning_rate": 3e-3,
         "per_device_train_batch_size": 32,
-        "num_train_epochs": 3,
-        "lr_scheduler_type": "cosine",
-        "warmup_steps": 0.05,
+        "max_steps": 320,
+        "lr_scheduler_type": "constant_with_warmup",
+        "warmup_steps": 10,
         "weight_decay": 0.0,
         "max_length": 256,
-        "logging_steps": 5,
-        "save_steps": 50,
+        "logging_steps": 10,
+        "save_steps": 40,
         "save_total_limit": 2,
     }
 
@@ -52,6 +55,13 @@ class Config(StageConfig):
     trust_remote_code: bool = Field(False, description="allow custom model code from the hub (off: safer)")
 
     _check_trainer = trainer_field("SFTConfig")
+
+
+def small_test_overrides() -> dict:
+    """Config values for test suites: 4 SFT steps on 32 examples (a few seconds on CPU)."""
+    return {"max_examples": 32,
+            "trainer": {"learning_rate": 3e-3, "per_device_train_batch_size": 8, "max_steps": 4,
+                        "logging_steps": 1, "save_steps": 2, "max_length": 192}}
 
 
 # ----------------------------------------------------------------------------- shared training helpers

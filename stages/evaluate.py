@@ -38,6 +38,11 @@ class Config(StageConfig):
     num_samples: int = Field(6, ge=0, description="how many example completions to return under `samples`")
 
 
+def small_test_overrides() -> dict:
+    """Config values for test suites: 6 prompts, 2 samples each, short completions."""
+    return {"limit": 6, "k": 2, "max_new_tokens": 48}
+
+
 def evaluate(model_path: str, cfg: Config, world_dir: Path | None, rewards_cfg=None,
              progress: Callable[[float], None] | None = None) -> dict:
     """Evaluate `model_path` on `cfg.dataset`; returns JSON-able metrics (see module doc)."""

@@ -25,22 +25,24 @@ log = logging.getLogger(__name__)
 
 
 def default_grpo_args() -> dict[str, Any]:
-    """The tiny world's GRPO settings (tuned on 2 CPU cores, about 4 minutes)."""
+    """The tiny world's GRPO settings: 30 steps of 8 prompts x 8 completions at temperature 0.8.
+    From the light cold start (held-out pass@1 0.13) this reached 0.36; lr 3e-4 at temperature 1.0
+    collapsed instead (0.08), and from a strong cold start (0.8) 30 steps at 5e-5 changed nothing."""
     return {
         "learning_rate": 1e-4,
         "per_device_train_batch_size": 64,
         "num_generations": 8,
         "max_completion_length": 96,
-        "temperature": 1.0,
+        "temperature": 0.8,
         "top_p": 1.0,
         "beta": 0.0,
         "loss_type": "dapo",
         "epsilon": 0.2,
-        "max_steps": 60,
+        "max_steps": 30,
         "lr_scheduler_type": "constant_with_warmup",
-        "warmup_steps": 5,
-        "logging_steps": 5,
-        "save_steps": 20,
+        "warmup_steps": 2,
+        "logging_steps": 2,
+        "save_steps": 10,
         "save_total_limit": 2,
     }
 
@@ -64,6 +66,14 @@ class Config(StageConfig):
     trust_remote_code: bool = Field(False, description="allow custom model code from the hub (off: safer)")
 
     _check_trainer = trainer_field("GRPOConfig")
+
+
+def small_test_overrides() -> dict:
+    """Config values for test suites: 2 GRPO steps of 2 prompts x 4 completions of <= 24 tokens."""
+    return {"max_prompts": 16,
+            "trainer": {"learning_rate": 1e-4, "per_device_train_batch_size": 8, "num_generations": 4,
+                        "max_completion_length": 24, "max_steps": 2, "logging_steps": 1, "save_steps": 1,
+                        "beta": 0.0}}
 
 
 def run(cfg: Config, ctx: StageContext, callbacks: list | None = None) -> dict:

@@ -65,7 +65,7 @@ class Config(StageConfig):
     num_heads: int = Field(2, ge=1, description="attention heads (head_dim = hidden_size / num_heads)")
     intermediate_size: int = Field(512, ge=1, description="MLP width")
     max_position_embeddings: int = Field(512, ge=64, description="longest sequence the model supports")
-    pretrain_steps: int = Field(200, ge=0, description="causal-LM pretraining steps on the synthetic corpus")
+    pretrain_steps: int = Field(300, ge=0, description="causal-LM pretraining steps on the synthetic corpus")
     pretrain_batch_size: int = Field(16, ge=1, description="sequences per pretraining step")
     pretrain_seq_len: int = Field(128, ge=16, description="tokens per pretraining sequence (packed)")
     pretrain_lr: float = Field(3e-3, gt=0, description="peak AdamW learning rate (linear warmup, cosine decay)")
@@ -75,6 +75,13 @@ class Config(StageConfig):
         description="share of pretraining lines that are worked additions in plain prose (no tags, no chat); "
         "the base model learns arithmetic like a math-pretrained model, not the answer format")
     judge: bool = Field(True, description="also build the tiny judge (stages.judge.build_tiny_judge) if available")
+
+
+def small_test_overrides() -> dict:
+    """Config values for test suites: a complete world in about 10 s (data tiny, base model barely pretrained)."""
+    return dict(n_cold_start=40, n_rl_prompts=40, n_eval=20, n_general_sft=20, n_general_prompts=20,
+                n_general_eval=10, n_preference=30, pretrain_steps=30, pretrain_corpus_lines=600,
+                pretrain_batch_size=8, pretrain_seq_len=64, judge=False)
 
 
 # ----------------------------------------------------------------------------- reasoning task

@@ -9,9 +9,7 @@ from stages import world
 from stages.common import StageContext, UserError
 from stages.generation import GenerationConfig, generate, prompt_texts
 
-SMALL = dict(n_cold_start=40, n_rl_prompts=40, n_eval=20, n_general_sft=20, n_general_prompts=20,
-             n_general_eval=10, n_preference=30, pretrain_steps=30, pretrain_corpus_lines=600,
-             pretrain_batch_size=8, pretrain_seq_len=64, judge=False)
+SMALL = world.small_test_overrides()
 
 
 def small_world(tmp_path_factory) -> Path:

@@ -12,10 +12,8 @@ from stages import cold_start_sft, evaluate, reasoning_rl
 from stages.common import StageContext
 from test_generation import small_world
 
-SFT_TEST = {"learning_rate": 3e-3, "per_device_train_batch_size": 8, "max_steps": 4, "logging_steps": 1,
-            "save_steps": 2, "max_length": 192}
-GRPO_TEST = {"learning_rate": 1e-4, "per_device_train_batch_size": 8, "num_generations": 4,
-             "max_completion_length": 24, "max_steps": 2, "logging_steps": 1, "save_steps": 1, "beta": 0.0}
+SFT_TEST = cold_start_sft.small_test_overrides()
+GRPO_TEST = reasoning_rl.small_test_overrides()
 
 
 def make_ctx(tmp: Path, name: str, inputs: dict) -> StageContext:
@@ -44,7 +42,7 @@ def world_dir(tmp_path_factory):
 def cold_start(world_dir, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("stage1")
     ctx = make_ctx(tmp, "cold-start", {"world": world_dir})
-    metrics = cold_start_sft.run(cold_start_sft.Config(trainer=SFT_TEST, max_examples=32), ctx)
+    metrics = cold_start_sft.run(cold_start_sft.Config(**SFT_TEST), ctx)
     return ctx, metrics
 
 
@@ -76,7 +74,7 @@ class StopAfter:
 @pytest.mark.slow
 def test_cold_start_resumes_from_checkpoint(world_dir, tmp_path, caplog):
     ctx = make_ctx(tmp_path, "cold-start", {"world": world_dir})
-    cfg = cold_start_sft.Config(trainer=SFT_TEST, max_examples=32)
+    cfg = cold_start_sft.Config(**SFT_TEST)
     with pytest.raises(KeyboardInterrupt):
         cold_start_sft.run(cfg, ctx, callbacks=[StopAfter(3)])
     assert (ctx.work_dir / "trainer" / "checkpoint-2").is_dir()
@@ -105,7 +103,7 @@ def Count(steps: list):  # noqa: N802
 def test_reasoning_rl_trains_with_rewards_and_callbacks(cold_start, world_dir, tmp_path):
     steps = []
     ctx = make_ctx(tmp_path, "reasoning-rl", {"world": world_dir, "cold-start": cold_start[0].out_dir})
-    metrics = reasoning_rl.run(reasoning_rl.Config(trainer=GRPO_TEST, max_prompts=16), ctx, callbacks=[Count(steps)])
+    metrics = reasoning_rl.run(reasoning_rl.Config(**GRPO_TEST), ctx, callbacks=[Count(steps)])
     check_model_dir(ctx.out_dir / "model")
     assert steps == [1, 2] and metrics["global_step"] == 2
     logged = [h for h in metrics["history"] if "reward" in h]
@@ -119,7 +117,7 @@ def test_reasoning_rl_trains_with_rewards_and_callbacks(cold_start, world_dir, t
 def test_evaluate_metrics(cold_start, world_dir):
     from stages.rewards import RewardsConfig
 
-    cfg = evaluate.Config(limit=6, k=2, max_new_tokens=48, num_samples=3)
+    cfg = evaluate.Config(**evaluate.small_test_overrides(), num_samples=3)
     seen = []
     m = evaluate.evaluate(str(cold_start[0].out_dir / "model"), cfg, world_dir, RewardsConfig(), progress=seen.append)
     assert m["n_prompts"] == 6 and m["k"] == 2 and len(m["samples"]) == 3
