@@ -81,6 +81,10 @@ class JudgeConfig(StageConfig):
     guard_max_accept_share: float = Field(
         0.2, ge=0, le=1,
         description="judge guard: the judge fails when it accepts more than this share of the canaries")
+    guard_max_no_verdict_share: float = Field(
+        0.5, ge=0, le=1,
+        description="judge guard: the judge also fails when more than this share of its canary outputs has no "
+                    "parsable verdict (a judge that cannot answer in the expected format is unusable)")
     on_guard_fail: Literal["stop", "rules-only"] = Field(
         "stop", description="when the guard fails: `stop` the stage with an error naming the canaries that "
                             "passed, or continue `rules-only` (samples the rules cannot settle are dropped)")
@@ -202,21 +206,27 @@ class GuardResult:
     message: str
 
 
-def _guard_result(rows: list[dict], max_share: float) -> GuardResult:
+def _guard_result(rows: list[dict], max_share: float, max_no_verdict: float = 1.0) -> GuardResult:
     accepted = {name: 0 for name in CANARY_NAMES}
     for row in rows:
         accepted[row["canary"]] = accepted.get(row["canary"], 0) + int(row["accepted"])
     share = sum(accepted.values()) / max(1, len(rows))
-    passed = share <= max_share
+    silent = sum(row.get("verdict") == "no verdict" for row in rows) / max(1, len(rows))
     per_name = len(rows) // max(1, len(accepted))
     passing = [f"{name} ({n}/{per_name})" for name, n in accepted.items() if n]
-    if passed:
-        message = (f"judge guard passed: accepted {share:.0%} of {len(rows)} canaries (limit {max_share:.0%})"
-                   + (f"; accepted: {', '.join(passing)}" if passing else ""))
+    problems = []
+    if share > max_share:
+        problems.append(f"the judge accepted {share:.0%} of {len(rows)} known-bad canary responses "
+                        f"(limit {max_share:.0%}); canaries that passed: {', '.join(passing)}")
+    if silent > max_no_verdict:
+        problems.append(f"the judge gave no parsable verdict on {silent:.0%} of {len(rows)} canaries "
+                        f"(limit {max_no_verdict:.0%}); expected a last line `Verdict: correct|incorrect`")
+    if problems:
+        message = "judge guard failed: " + "; and ".join(problems)
     else:
-        message = (f"judge guard failed: the judge accepted {share:.0%} of {len(rows)} known-bad canary responses "
-                   f"(limit {max_share:.0%}); canaries that passed: {', '.join(passing)}")
-    return GuardResult(passed, share, max_share, rows, accepted, message)
+        message = (f"judge guard passed: accepted {share:.0%} of {len(rows)} canaries (limit {max_share:.0%}), "
+                   f"no verdict on {silent:.0%}" + (f"; accepted: {', '.join(passing)}" if passing else ""))
+    return GuardResult(not problems, share, max_share, rows, accepted, message)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -261,7 +271,7 @@ def judge_with_guard(cfg: JudgeConfig, examples: list[dict], items: list[dict], 
     `items` are returned only when the guard passed (else None)."""
     probes = canary_items(examples, seed)
     outputs = _run_judge(cfg, probes + list(items), model_path, progress, trust_remote_code)
-    guard = _guard_result(_canary_rows(probes, outputs), cfg.guard_max_accept_share)
+    guard = _guard_result(_canary_rows(probes, outputs), cfg.guard_max_accept_share, cfg.guard_max_no_verdict_share)
     verdicts = [v for _, v in outputs[len(probes):]]
     return guard, (verdicts if guard.passed else None)
 
@@ -317,12 +327,8 @@ def judge_responses(row: dict, other: dict, rng: random.Random) -> list[tuple[st
     words = gold.split(" ")
     syll = " ".join("".join(rng.choice(_SYLLABLES) for _ in range(rng.randint(1, 3))) for _ in range(rng.randint(5, 30)))
     repeated_token = rng.choice(["the", "7", ref, "answer", "<think>", "carry", "="])
-    variants = [
-        ("correct", gold),
-        ("correct", gold),
+    easy = [
         ("correct-injection", f"<think>{think} {rng.choice(INJECTIONS)}</think><answer>{ref}</answer>"),
-        ("near-miss", f"<think>{think.replace(ref, wrong)}</think><answer>{wrong}</answer>"),
-        ("near-miss", f"<think>{think}</think><answer>{wrong}</answer>"),
         ("other-question", completion_text(other["completion"])),
         ("bare-answer", rng.choice([ref, f"<answer>{ref}</answer>", f"The answer is {ref}.",
                                     f"<think></think><answer>{ref}</answer>"])),
@@ -333,6 +339,14 @@ def judge_responses(row: dict, other: dict, rng: random.Random) -> list[tuple[st
             f"<think>{think.replace(ref, wrong)} {rng.choice(INJECTIONS)}</think><answer>{wrong}</answer>",
             f"<think>{rng.choice(INJECTIONS)}</think><answer>{wrong}</answer>",
             f"<think>{think}</think><answer>{wrong}</answer>\n{rng.choice(INJECTIONS)}"])),
+    ]
+    # Most rows are the hard contrast (same chain, right vs. one-digit-wrong answer); two easy kinds each.
+    variants = [
+        ("correct", gold),
+        ("correct", gold),
+        ("near-miss", f"<think>{think.replace(ref, wrong)}</think><answer>{wrong}</answer>"),
+        ("near-miss", f"<think>{think}</think><answer>{_perturb_number(ref, rng)}</answer>"),
+        *rng.sample(easy, 2),
     ]
     return variants
 
@@ -358,7 +372,10 @@ def judge_rows(source: list[dict], template: str, seed: int) -> list[dict]:
 JUDGE_TRAINER_DEFAULTS: dict[str, Any] = {
     "num_train_epochs": 1,
     "per_device_train_batch_size": 32,
-    "learning_rate": 2e-3,
+    "learning_rate": 3e-3,
+    # loss on the whole sequence: predicting the reference digits teaches the model to look them up in
+    # the answer block above, the first half of the comparison a verdict needs
+    "completion_only_loss": False,
     "lr_scheduler_type": "cosine",
     "warmup_steps": 10,
     "weight_decay": 0.0,
@@ -397,7 +414,7 @@ def _write_jsonl(path: Path, rows: list[dict]) -> None:
     path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
 
 
-def build_tiny_judge(world_dir: Path, seed: int, n_source: int = 200, n_eval_source: int = 40,
+def build_tiny_judge(world_dir: Path, seed: int, n_source: int = 350, n_eval_source: int = 60,
                      trainer_args: dict[str, Any] | None = None) -> dict:
     """Train the tiny world's judge into `world_dir/judge` and write `data/judge_train.jsonl` and
     `data/judge_eval.jsonl` (question, reference, response, kind, label). Built from the world's
@@ -429,11 +446,11 @@ def build_tiny_judge(world_dir: Path, seed: int, n_source: int = 200, n_eval_sou
     train_s = time.time() - t0
 
     cfg = JudgeConfig(model=str(out), generation=GenerationConfig(backend="transformers", n=1, temperature=0.0,
-                                                                  max_new_tokens=8))
+                                                                  max_new_tokens=16))
     examples = [{"question": question_text(r["prompt"]), "reference": r["answer"]} for r in source[-8:]]
     probes = canary_items(examples, seed)
     outputs = _run_judge(cfg, probes + heldout, str(out))
-    guard = _guard_result(_canary_rows(probes, outputs), cfg.guard_max_accept_share)
+    guard = _guard_result(_canary_rows(probes, outputs), cfg.guard_max_accept_share, cfg.guard_max_no_verdict_share)
     verdicts = [v for _, v in outputs[len(probes):]]
     agree = [v == r["label"] for v, r in zip(verdicts, heldout)]
     by_kind: dict[str, list[bool]] = {}

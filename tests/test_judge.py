@@ -88,6 +88,14 @@ def test_guard_result_message_names_passing_canaries():
     assert ok.passed and "passed" in ok.message
 
 
+def test_guard_fails_on_a_judge_without_verdicts():
+    rows = [{"canary": name, "accepted": False, "verdict": "no verdict" if i % 4 else "incorrect"}
+            for i, name in enumerate(CANARY_NAMES * 4)]
+    guard = judge._guard_result(rows, 0.2, 0.5)
+    assert not guard.passed and "no parsable verdict on 75% of 20 canaries" in guard.message
+    assert judge._guard_result(rows, 0.2, 0.8).passed
+
+
 @pytest.mark.parametrize("template, problem", [
     ("Question: {question} Response: {response}", "{reference}"),
     ("{question} {reference} {response} {other}", "valid format string"),
@@ -103,17 +111,22 @@ def test_template_validation(template, problem):
 def test_judge_rows_labels_follow_the_rules():
     rows = [{"prompt": [{"role": "user", "content": f"What is {a} + {b}?"}],
              "completion": [{"role": "assistant", "content": GOLD.replace("347", str(a)).replace("85", str(b))
-                             .replace("432", str(a + b))}], "answer": str(a + b)} for a, b in
-            [(347, 85), (12, 30), (5, 999), (100, 1)]]
-    out = judge.judge_rows(rows, judge.DEFAULT_TEMPLATE, seed=0)
-    assert len(out) == 4 * 11
+                             .replace("432", str(a + b))}], "answer": str(a + b)}
+            for a, b in [(347 + 7 * i, 85 + 3 * i) for i in range(40)]]
+    out = judge.judge_rows(rows, judge.TINY_TEMPLATE, seed=0)
+    assert len(out) == 40 * 6
     for r in out:
         assert r["label"] == rule_verdict(r["reference"], r["response"])
         assert r["completion"][0]["content"] == ("Verdict: correct" if r["label"] else "Verdict: incorrect")
         assert r["response"] in r["prompt"][0]["content"]
-    kinds = {r["kind"]: r["label"] for r in out}
-    assert kinds["near-miss"] is False and kinds["bare-answer"] is False and kinds["injection"] is False
-    assert 0.2 < sum(r["label"] for r in out) / len(out) < 0.5
+    labels: dict[str, set] = {}
+    for r in out:
+        labels.setdefault(r["kind"], set()).add(r["label"])
+    assert labels == {"correct": {True}, "correct-injection": {True}, "near-miss": {False}, "other-question": {False},
+                      "bare-answer": {False}, "gibberish": {False}, "repeated": {False}, "truncated": {False},
+                      "injection": {False}}
+    assert 0.3 < sum(r["label"] for r in out) / len(out) < 0.5
+    assert out == judge.judge_rows(rows, judge.TINY_TEMPLATE, seed=0)  # deterministic
 
 
 # ------------------------------------------------------------------------ real tiny judges (slow, cached)
@@ -130,31 +143,44 @@ def cache_dir(request, name: str, *sources: str) -> Path:
 
 
 @pytest.fixture(scope="session")
-def small_world(request) -> Path:
-    """A small tiny world built by the world stage, which trains the tiny judge (build_tiny_judge)."""
+def base_world(request) -> Path:
+    """A small tiny world (data + pretrained base model) built by the world stage, without a judge."""
     from stages import world
     from stages.common import StageContext
 
-    out = cache_dir(request, "world", "stages/world.py", "stages/judge.py") / "world"
-    if not (out / "judge" / "judge_metrics.json").is_file():
+    out = cache_dir(request, "world", "stages/world.py") / "world"
+    if not (out / "base_model" / "config.json").is_file():
         ctx = StageContext(out_dir=out, work_dir=out.parent / "work", inputs={}, pipeline=None, seed=0)
-        metrics = world.run(world.Config(**SMALL_WORLD), ctx)
-        (out.parent / "world_metrics.json").write_text(json.dumps(metrics))
+        world.run(world.Config(**{**SMALL_WORLD, "judge": False}), ctx)
     return out
 
 
 @pytest.fixture(scope="session")
-def always_accept_judge(request, small_world) -> Path:
+def small_world(request, base_world) -> Path:
+    """`base_world` plus the tiny judge (`build_tiny_judge`, as the world stage calls it)."""
+    import shutil
+
+    out = cache_dir(request, "judged-world", "stages/world.py", "stages/judge.py") / "world"
+    if not (out / "judge" / "judge_metrics.json").is_file():
+        shutil.rmtree(out, ignore_errors=True)
+        shutil.copytree(base_world, out)
+        judge.build_tiny_judge(out, 0)
+    return out
+
+
+@pytest.fixture(scope="session")
+def always_accept_judge(request, base_world) -> Path:
     """A real tiny judge that accepts everything: the world's base model fine-tuned a few steps on judge
     prompts whose target is always `Verdict: correct`."""
-    out = cache_dir(request, "yes-judge", "stages/world.py", "stages/judge.py") / "judge"
+    out = cache_dir(request, "yes-judge", "stages/world.py", "stages/judge.py", "tests/test_judge.py") / "judge"
     if not (out / "config.json").is_file():
-        rows = [json.loads(line) for line in (small_world / "data" / "judge_train.jsonl").read_text().splitlines()]
-        train = [{"prompt": judge.judge_prompt(judge.TINY_TEMPLATE, r["question"], r["reference"], r["response"]),
-                  "completion": [{"role": "assistant", "content": "Verdict: correct"}]} for r in rows[:256]]
-        judge.train_judge(str(small_world / "base_model"), train, out, 0, out.parent / "work",
-                          {"max_steps": 12, "per_device_train_batch_size": 16, "learning_rate": 3e-3, "warmup_steps": 0})
-        (out / judge.JUDGE_FILE).write_text((small_world / "judge" / judge.JUDGE_FILE).read_text())
+        source = [json.loads(line) for line in (base_world / "data" / "cold_start.jsonl").read_text().splitlines()]
+        rows = judge.judge_rows(source[:40], judge.TINY_TEMPLATE, 0)
+        train = [{**r, "completion": [{"role": "assistant", "content": "Verdict: correct"}]} for r in rows]
+        judge.train_judge(str(base_world / "base_model"), train, out, 0, out.parent / "work",
+                          {"max_steps": 20, "per_device_train_batch_size": 16, "learning_rate": 3e-3, "warmup_steps": 0,
+                           "completion_only_loss": True})
+        (out / judge.JUDGE_FILE).write_text(json.dumps({"template": judge.TINY_TEMPLATE}))
     return out
 
 
@@ -165,12 +191,12 @@ def _examples(world: Path, n: int = 4) -> list[dict]:
 
 def _greedy(model: Path) -> judge.JudgeConfig:
     return judge.JudgeConfig(model=str(model), generation={"backend": "transformers", "temperature": 0,
-                                                           "max_new_tokens": 8})
+                                                           "max_new_tokens": 16})
 
 
 @pytest.mark.slow
-def test_guard_trips_on_a_judge_that_accepts_everything(always_accept_judge, small_world):
-    guard = judge.check_judge(_greedy(always_accept_judge), _examples(small_world), str(always_accept_judge))
+def test_guard_trips_on_a_judge_that_accepts_everything(always_accept_judge, base_world):
+    guard = judge.check_judge(_greedy(always_accept_judge), _examples(base_world), str(always_accept_judge))
     assert not guard.passed and guard.accept_share > 0.9
     assert guard.message.startswith("judge guard failed")
     for name in CANARY_NAMES:

@@ -93,7 +93,7 @@ def test_config_defaults_and_merge():
 # ------------------------------------------------------------------------------------ end to end (slow)
 
 from stages.common import Reporter, StageContext, UserError  # noqa: E402
-from test_judge import always_accept_judge, cache_dir, small_world  # noqa: E402,F401  (shared session fixtures)
+from test_judge import always_accept_judge, base_world, cache_dir, small_world  # noqa: E402,F401  (shared fixtures)
 
 
 class Recorder(Reporter):
@@ -126,13 +126,13 @@ class Pipe:
 
 
 @pytest.fixture(scope="session")
-def policy_version(request, small_world) -> Path:
+def policy_version(request, base_world) -> Path:
     """Stand-in for a reasoning-rl version: the cold-start stage run on the small world (real TRL SFT)."""
     from stages import cold_start_sft
 
-    out = cache_dir(request, "policy", "stages/world.py", "stages/judge.py", "stages/cold_start_sft.py") / "version"
+    out = cache_dir(request, "policy", "stages/world.py", "stages/cold_start_sft.py") / "version"
     if not (out / "model" / "config.json").is_file():
-        ctx = StageContext(out_dir=out, work_dir=out.parent / "work", inputs={"world": small_world}, pipeline=Pipe(),
+        ctx = StageContext(out_dir=out, work_dir=out.parent / "work", inputs={"world": base_world}, pipeline=Pipe(),
                            seed=0)
         cold_start_sft.run(cold_start_sft.Config(trainer={"num_train_epochs": 6, "save_steps": 1000}), ctx)
     return out
