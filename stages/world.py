@@ -25,7 +25,7 @@ import random
 import time
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from stages.common import StageConfig, StageContext, seed_everything
 
@@ -75,6 +75,17 @@ class Config(StageConfig):
         description="share of pretraining lines that are worked additions in plain prose (no tags, no chat); "
         "the base model learns arithmetic like a math-pretrained model, not the answer format")
     judge: bool = Field(True, description="also build the tiny judge (stages.judge.build_tiny_judge) if available")
+
+    @model_validator(mode="after")
+    def _check(self):
+        problems = []
+        if self.min_digits > self.max_digits:
+            problems.append(f"min_digits: must be <= max_digits ({self.min_digits} > {self.max_digits})")
+        if self.hidden_size % self.num_heads:
+            problems.append(f"hidden_size: must be a multiple of num_heads ({self.hidden_size} % {self.num_heads} != 0)")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
 
 
 def small_test_overrides() -> dict:

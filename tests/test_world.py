@@ -130,8 +130,9 @@ def test_cards_tokenizer_and_layout(two_builds):
     assert tok.eos_token_id in gen["eos_token_id"]
 
 
-def test_config_rejects_unknown_and_bad_values():
-    with pytest.raises(ValueError):
-        world.Config(n_eval=0)
-    with pytest.raises(ValueError):
-        world.Config(seeed=1)
+@pytest.mark.parametrize("bad,field", [({"n_eval": 0}, "n_eval"), ({"seeed": 1}, "seeed"),
+                                       ({"min_digits": 4, "max_digits": 3}, "min_digits"),
+                                       ({"hidden_size": 100, "num_heads": 3}, "hidden_size")])
+def test_config_rejects_unknown_and_bad_values(bad, field):
+    with pytest.raises(ValueError, match=field):
+        world.Config(**bad)
