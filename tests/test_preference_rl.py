@@ -38,13 +38,18 @@ def chat(text):
 
 # ------------------------------------------------------------------------------------------ fixtures
 
-def _cache_dir(request, name: str, *sources: str) -> Path:
-    digest = hashlib.sha256(b"".join((ROOT / s).read_bytes() for s in sources)).hexdigest()[:10]
-    return Path(request.config.cache.mkdir(f"r1flow-stage4-{name}-{digest}"))
-
-
 SMALL_WORLD = dict(n_cold_start=800, n_rl_prompts=400, n_eval=64, n_general_sft=300, n_general_prompts=120,
                    n_general_eval=24, n_preference=600, pretrain_steps=150, pretrain_corpus_lines=6000, judge=False)
+SFT_ARGS = dict(num_train_epochs=6, per_device_train_batch_size=32, learning_rate=3e-3, lr_scheduler_type="cosine",
+                warmup_steps=10, logging_steps=20, save_strategy="no", gradient_checkpointing=False, bf16=False,
+                max_length=256)
+
+
+def _cache_dir(request, name: str, *sources: str) -> Path:
+    """A folder in pytest's cache keyed by the source files that build its content (and the recipes)."""
+    digest = hashlib.sha256(b"".join((ROOT / s).read_bytes() for s in sources)
+                            + repr((SMALL_WORLD, SFT_ARGS)).encode()).hexdigest()[:10]
+    return Path(request.config.cache.mkdir(f"r1flow-stage4-{name}-{digest}"))
 
 
 @pytest.fixture(scope="session")
@@ -66,17 +71,14 @@ def stage3_policy(request, tiny_world) -> Path:
     import datasets
     import trl
 
-    out = _cache_dir(request, "policy", "stages/world.py", "tests/test_preference_rl.py") / "model"
+    out = _cache_dir(request, "policy", "stages/world.py") / "model"
     if (out / "config.json").is_file():
         return out
     from stages.data import load
 
     rows = list(load("world:cold_start", tiny_world)) + list(load("world:general_sft", tiny_world))
     train = datasets.Dataset.from_list([{"prompt": r["prompt"], "completion": r["completion"]} for r in rows])
-    args = trl.SFTConfig(output_dir=str(out.parent / "trainer"), use_cpu=True, report_to="none", seed=0,
-                         num_train_epochs=6, per_device_train_batch_size=32, learning_rate=3e-3,
-                         lr_scheduler_type="cosine", warmup_steps=10, logging_steps=20, save_strategy="no",
-                         gradient_checkpointing=False, bf16=False, max_length=256)
+    args = trl.SFTConfig(output_dir=str(out.parent / "trainer"), use_cpu=True, report_to="none", seed=0, **SFT_ARGS)
     trainer = trl.SFTTrainer(model=str(tiny_world / "base_model"), args=args, train_dataset=train)
     trainer.train()
     trainer.save_model(str(out))
@@ -322,3 +324,22 @@ def test_grpo_mode_runs_with_routed_rewards(tiny_world, stage3_policy, tiny_rewa
         return any(isinstance(row.get(key), float) and math.isfinite(row[key]) for row in logged)
     assert applied("rewards/accuracy_reward/mean") and applied("rewards/helpfulness_reward/mean")
     assert metrics["train_prompts"] == {REASONING: 32, GENERAL: 32}
+
+
+@pytest.mark.slow
+def test_stage_ends_on_healthy_checkpoint_when_monitor_stops_it(tiny_world, stage3_policy, tiny_reward_model, tmp_path):
+    # A bound no text can meet: the first check after the start raises an alarm, training stops and
+    # the version's model is the last healthy one -- here the starting (stage-3) weights themselves.
+    from safetensors.torch import load_file
+
+    from stages import preference_rl
+
+    cfg = Config(num_prompts=64, trainer={"max_steps": 8, "learning_rate": 1e-3},
+                 monitor={"eval_every": 2, "n_prompts": 8, "max_new_tokens": 96, "min_distinct2": 0.99})
+    ctx = _stage_ctx(tmp_path, tiny_world, stage3_policy, tiny_reward_model)
+    metrics = preference_rl.run(cfg, ctx)
+    mon = metrics["monitor"]
+    assert mon["stopped_early"] and mon["healthy_step"] == 0 and mon["alarms"][0]["step"] == 2
+    assert [row["step"] for row in mon["history"]] == [0, 2]
+    final, start = load_file(str(ctx.out_dir / "model" / "model.safetensors")), load_file(str(stage3_policy / "model.safetensors"))
+    assert final.keys() == start.keys() and all(final[k].equal(start[k]) for k in start)
