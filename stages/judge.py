@@ -370,12 +370,9 @@ def judge_rows(source: list[dict], template: str, seed: int) -> list[dict]:
 
 
 JUDGE_TRAINER_DEFAULTS: dict[str, Any] = {
-    "num_train_epochs": 1,
+    "num_train_epochs": 2,
     "per_device_train_batch_size": 32,
     "learning_rate": 3e-3,
-    # loss on the whole sequence: predicting the reference digits teaches the model to look them up in
-    # the answer block above, the first half of the comparison a verdict needs
-    "completion_only_loss": False,
     "lr_scheduler_type": "cosine",
     "warmup_steps": 10,
     "weight_decay": 0.0,
