@@ -212,13 +212,11 @@ def test_tiny_world_judge_agrees_with_rules_and_passes_the_guard(small_world):
     assert guard.passed, guard.message
     assert guard.accept_share <= 0.2
 
-    # the verdicts it gives on fresh items follow the rules
-    ex = _examples(small_world, 6)
+    # the verdicts it gives on held-out items follow the rules
     gold = [json.loads(line) for line in (small_world / "data" / "judge_eval.jsonl").read_text().splitlines()]
     items = [{"question": g["question"], "reference": g["reference"], "response": g["response"]} for g in gold[:60]]
     verdicts = judge.judge_samples(_greedy(small_world / "judge"), items, str(small_world / "judge"))
     assert sum(v == g["label"] for v, g in zip(verdicts, gold)) >= 0.85 * len(items)
-    assert ex  # prompts for canaries exist
 
 
 def test_saved_template_is_used(tmp_path):
