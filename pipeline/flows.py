@@ -143,6 +143,8 @@ def execute_stage(loaded: Loaded, pipeline: str, stage: str, upstream: dict[str,
             log.info("%s: evaluating %s on held-out prompts", stage, model_dir.name)
             pending.metrics["eval"] = evaluate(str(model_dir), pipe.eval, ctx.inputs.get("world", pending.path if stage == "world" else None))
             pending.metrics["eval_config"] = pipe.eval.model_dump(mode="json")
+            if "heldout_rm_score_after" in pending.metrics:  # stage 4 scores held-out general prompts
+                pending.metrics["eval"]["rm_score"] = pending.metrics["heldout_rm_score_after"]
         pending.metrics["seconds"] = round(time.monotonic() - start, 1)
     version = store.get(vid)
     if reporter is not None:
@@ -206,7 +208,7 @@ def stage_task(config_file: str, pipeline: str, stage: str, upstream: dict[str, 
     return execute_stage(load_config(config_file), pipeline, stage, upstream, from_version, force, _prefect_reporter)
 
 
-@flow(name="r1flow-stage", flow_run_name="{stage}", log_prints=True)
+@flow(name="r1flow-stage", flow_run_name="{stage}", log_prints=False)
 def stage_flow(config_file: str, pipeline: str, stage: str, upstream: dict[str, str] | None = None,
                from_version: str | None = None, force: bool = False) -> dict[str, Any]:
     """One stage as a Prefect flow; runs alone (`r1flow stage`) or nested in the pipeline flow. Its work
@@ -231,7 +233,7 @@ class StageFailed(Exception):
         self.stage, self.rows = stage, rows
 
 
-@flow(name="r1flow-pipeline", flow_run_name="{pipeline}", log_prints=True)
+@flow(name="r1flow-pipeline", flow_run_name="{pipeline}", log_prints=False)
 def pipeline_flow(config_file: str, pipeline: str, force: list[str] | None = None,
                   start_at: str | None = None) -> list[dict[str, Any]]:
     """All enabled stages in order, each reusing its cached version when inputs are unchanged.
@@ -244,26 +246,38 @@ def pipeline_flow(config_file: str, pipeline: str, force: list[str] | None = Non
         force |= set(stages[stages.index(start_at):])
     produced: dict[str, str] = {}
     rows: list[dict[str, Any]] = []
+    run_ids: dict[str, str] = {}
     for stage in stages:
         upstream = {s: produced[s] for s in UPSTREAM[stage] if s in produced}
+        state = stage_flow(config_file=str(loaded.path), pipeline=pipeline, stage=stage, upstream=upstream,
+                           force=stage in force, return_state=True)
+        run_ids[stage] = str(state.state_details.flow_run_id)
         try:
-            row = run_stage_flow(loaded, pipeline, stage, upstream=upstream, force=stage in force)
+            row = state.result()
         except UserError:
             raise
         except Exception as exc:  # noqa: BLE001
-            _publish_pipeline_summary(pipeline, rows, failed=stage)
+            _publish_pipeline_summary(pipeline, rows, run_ids, failed=stage)
             raise StageFailed(stage, exc, rows) from exc
         produced[stage] = row["version"]
         rows.append(row)
-    _publish_pipeline_summary(pipeline, rows)
+    _publish_pipeline_summary(pipeline, rows, run_ids)
     return rows
 
 
-def _publish_pipeline_summary(pipeline: str, rows: list[dict], failed: str | None = None) -> None:
-    from pipeline.reporting import PrefectReporter  # noqa: PLC0415
+def _publish_pipeline_summary(pipeline: str, rows: list[dict], run_ids: dict[str, str],
+                              failed: str | None = None) -> None:
+    """The pipeline run's artifacts: one row per stage, and links to each stage's own run (where its
+    artifacts are)."""
+    from pipeline.reporting import PrefectReporter, flow_run_link, summary_table  # noqa: PLC0415
 
     rep = PrefectReporter(pipeline, "pipeline")
-    rep.table("summary", rows, description=f"{pipeline}: one row per stage" + (f"; FAILED at {failed}" if failed else ""))
+    rep.table("summary", summary_table(rows),
+              description=f"{pipeline}: one row per stage" + (f"; FAILED at {failed}" if failed else ""))
+    links = [f"- {flow_run_link(rid, stage)}" + (" — **failed**" if stage == failed else "")
+             for stage, rid in run_ids.items()]
+    rep.markdown("runs", "# Stage runs\n\nEach stage's artifacts are on its own run:\n\n" + "\n".join(links),
+                 description="links to the stage runs")
 
 
 __all__ = ["STAGES", "execute_stage", "pipeline_flow", "stage_flow", "run_stage_flow", "resolve_upstream", "StageFailed"]

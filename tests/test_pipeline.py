@@ -60,11 +60,19 @@ def write_config(path: Path, storage: Path, extra: dict | None = None) -> Path:
 
 
 @pytest.fixture(scope="module")
-def prefect():
-    from prefect.testing.utilities import prefect_test_harness
+def prefect(tmp_path_factory):
+    """A real local Prefect server with its UI, started the way `r1flow ui` starts it."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    with prefect_test_harness(server_startup_timeout=120):
-        yield
+    from pipeline import ui
+
+    port = ui.free_port()
+    proc = ui.start_server(port=port, home=tmp_path_factory.mktemp("prefect-home"))
+    try:
+        with temporary_settings({PREFECT_API_URL: ui.api_url(port)}):
+            yield port
+    finally:
+        ui.stop_server(proc)
 
 
 @pytest.fixture(scope="module")
@@ -72,8 +80,30 @@ def env(tmp_path_factory, prefect):
     tmp = tmp_path_factory.mktemp("pipeline")
     storage = tmp / "store"
     cfg = write_config(tmp / "flows.yaml", storage)
-    rows = flows.pipeline_flow(config_file=str(cfg), pipeline=PIPELINE)
-    return {"tmp": tmp, "storage": storage, "config": cfg, "rows": rows, "store": Store(storage)}
+    state = flows.pipeline_flow(config_file=str(cfg), pipeline=PIPELINE, return_state=True)
+    return {"tmp": tmp, "storage": storage, "config": cfg, "rows": state.result(), "store": Store(storage),
+            "port": prefect, "run_id": str(state.state_details.flow_run_id)}
+
+
+def test_browser_shows_the_pipeline_summary_and_the_stage3_funnel(env, tmp_path):
+    """Headless Chromium on the real UI: the pipeline run's summary table lists every stage's
+    version; the rejection-sft run shows its funnel."""
+    from test_ui_browser import chromium_page, find_artifacts_in_ui, open_artifact, stage_runs_of
+
+    port, run_id = env["port"], env["run_id"]
+    with chromium_page(tmp_path / "profile") as page:
+        text = find_artifacts_in_ui(port, run_id, page, tmp_path / "pipeline-artifacts.png")
+        assert f"{PIPELINE}-pipeline-summary" in text and f"{PIPELINE}-pipeline-runs" in text
+        table = open_artifact(page, f"{PIPELINE}-pipeline-summary", tmp_path / "summary.png")
+        for row in env["rows"]:
+            assert row["version"] in table
+        stage_runs = stage_runs_of(port, run_id)
+        assert set(stage_runs) >= {r["stage"] for r in env["rows"]}
+        text = find_artifacts_in_ui(port, stage_runs["rejection-sft"], page, tmp_path / "stage3-artifacts.png")
+        for key in ("funnel", "eval", "summary", "lineage", "checkpoint"):
+            assert f"{PIPELINE}-rejection-sft-{key}" in text, key
+        funnel = open_artifact(page, f"{PIPELINE}-rejection-sft-funnel", tmp_path / "funnel.png")
+        assert "generated" in funnel and "duplicate" in funnel
 
 
 def test_first_run_trains_every_stage_and_versions_chain_to_the_world(env):
