@@ -18,6 +18,7 @@ from pydantic import Field
 
 from stages.cold_start_sft import final_loss, last_checkpoint, load_policy, progress_callback, save_model
 from stages.common import StageConfig, StageContext, trainer_field
+from stages.monitor import MonitorConfig
 from stages.data import DatasetRef
 from stages.rewards import RewardsConfig
 
@@ -63,6 +64,8 @@ class Config(StageConfig):
                                     description="arguments passed through to trl.GRPOConfig (num_generations, beta, "
                                                 "loss_type, epsilon, learning_rate, max_steps, temperature, ...; "
                                                 "output_dir, seed, use_cpu, report_to are set by r1flow)")
+    monitor: MonitorConfig = Field(default_factory=MonitorConfig,
+                                   description="reward-hacking monitor: reward vs held-out accuracy, degeneration")
     trust_remote_code: bool = Field(False, description="allow custom model code from the hub (off: safer)")
 
     _check_trainer = trainer_field("GRPOConfig")
@@ -106,8 +109,15 @@ def run(cfg: Config, ctx: StageContext, callbacks: list | None = None) -> dict:
     trainer_dir = Path(ctx.work_dir) / "trainer"
     args = GRPOConfig(output_dir=str(trainer_dir), seed=ctx.seed, use_cpu=ctx.device == "cpu", report_to="none",
                       save_strategy="steps", reward_weights=targs.pop("reward_weights", weights), **targs)
+    monitor = None
+    if cfg.monitor.enabled:
+        from stages.monitor import RewardHackingMonitor, load_eval_rows  # noqa: PLC0415
+
+        monitor = RewardHackingMonitor(cfg.monitor, load_eval_rows(cfg.monitor, ctx), tok,
+                                       Path(ctx.work_dir) / "healthy", ctx.reporter)
     trainer = GRPOTrainer(model=model, reward_funcs=funcs, args=args, train_dataset=ds, processing_class=tok,
-                          callbacks=[progress_callback(ctx.reporter, "reasoning-rl"), *(callbacks or [])])
+                          callbacks=[progress_callback(ctx.reporter, "reasoning-rl"), *([monitor] if monitor else []),
+                                     *(callbacks or [])])
     trainer.train(resume_from_checkpoint=last_checkpoint(ctx, trainer_dir))
     history = [dict(h) for h in trainer.state.log_history]
     rewards = [h["reward"] for h in history if "reward" in h]
@@ -120,6 +130,7 @@ def run(cfg: Config, ctx: StageContext, callbacks: list | None = None) -> dict:
         "reward_weights": dict(zip(cfg.rewards.weights, weights)),
         "runtime_s": round(time.time() - t0, 1),
         "history": history,
+        "monitor": monitor.summary() if monitor else None,
     }
     dataset_label = cfg.dataset if isinstance(cfg.dataset, str) else cfg.dataset.path
     save_model(trainer, tok, ctx, "reasoning-rl", dataset_label, start, metrics)

@@ -110,6 +110,8 @@ def test_reasoning_rl_trains_with_rewards_and_callbacks(cold_start, world_dir, t
     assert logged and all("rewards/accuracy_reward/mean" in h and "rewards/format_reward/mean" in h for h in logged)
     assert all("completions/mean_length" in h for h in logged)
     assert metrics["reward_weights"] == {"accuracy": 1.0, "format": 0.25, "language": 0.25}
+    # the reward-hacking monitor runs in stage 2 too: a check at the start, quiet on a normal run
+    assert metrics["monitor"]["checks"] >= 1 and metrics["monitor"]["alarms"] == [], metrics["monitor"]
     json.dumps(metrics)
 
 
