@@ -74,7 +74,7 @@ class Config(StageConfig):
         0.5, ge=0, le=0.8,
         description="share of pretraining lines that are worked additions in plain prose (no tags, no chat); "
         "the base model learns arithmetic like a math-pretrained model, not the answer format")
-    judge: bool = Field(True, description="also build the tiny judge (stages.judge.build_tiny_judge) if available")
+    judge: bool = Field(True, description="also build the tiny judge (stages.judge.build_tiny_judge)")
 
     @model_validator(mode="after")
     def _check(self):
@@ -474,17 +474,12 @@ def run(cfg: Config, ctx: StageContext) -> dict:
                "base_model_parameters": n_params, "vocab_size": len(tokenizer),
                "pretrain_final_loss": history[-1]["loss"] if history else None, "history": history,
                "torch_threads": torch.get_num_threads()}
+    metrics["judge"] = None
     if cfg.judge:
-        try:
-            from stages import judge  # noqa: PLC0415
-        except ImportError:
-            judge = None
-        if judge is not None and hasattr(judge, "build_tiny_judge"):
-            ctx.reporter.progress(0.9, "building tiny judge")
-            metrics["judge"] = judge.build_tiny_judge(out, seed)
-        else:
-            log.info("tiny judge skipped: stages.judge.build_tiny_judge is not available yet")
-            metrics["judge"] = None
+        from stages.judge import build_tiny_judge  # noqa: PLC0415
+
+        ctx.reporter.progress(0.9, "building tiny judge")
+        metrics["judge"] = build_tiny_judge(out, seed)
     metrics["runtime_s"] = round(time.time() - t0, 1)
     ctx.reporter.progress(1.0, "world built")
     return metrics
