@@ -242,9 +242,19 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+FLOW_COMMANDS = {"world", "stage", "run"}
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "r1flow")
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # no telemetry calls from temporary servers
     args = build_parser().parse_args(argv)
+    if args.command in FLOW_COMMANDS:
+        from pipeline.ui import use_running_server  # noqa: PLC0415
+
+        url = use_running_server()
+        if url:
+            print(f"reporting to the Prefect UI at {url} (started by `r1flow ui`)", file=sys.stderr)
     try:
         return args.func(args)
     except UserError as exc:

@@ -1,14 +1,19 @@
 """`r1flow ui`: a local Prefect server with its web UI, bound to localhost only.
 
-Pipeline runs report to it while it is up when `PREFECT_API_URL` points at it:
+Pipeline runs report to it while it is up:
 
     r1flow ui                                   # terminal 1, keeps serving until Ctrl-C
-    export PREFECT_API_URL=http://127.0.0.1:4200/api
     r1flow run                                  # terminal 2; open http://127.0.0.1:4200
+
+`r1flow ui` records its address in `~/.cache/r1flow/ui.json` (directory: `$R1FLOW_STATE_DIR`), and
+the other commands use that server when `PREFECT_API_URL` is unset and the server answers; with
+`PREFECT_API_URL` set (e.g. `http://127.0.0.1:4200/api`) they use that instead. With neither,
+Prefect starts a temporary server for the run (a few seconds) and the UI never sees the run.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -53,6 +58,68 @@ def is_healthy(port: int, host: str = "127.0.0.1", timeout: float = 2.0) -> bool
             return r.status == 200
     except (urllib.error.URLError, OSError):
         return False
+
+
+def state_file() -> Path:
+    """Where `r1flow ui` records the server it runs: `$R1FLOW_STATE_DIR/ui.json` (default
+    `~/.cache/r1flow/ui.json`)."""
+    return Path(os.environ.get("R1FLOW_STATE_DIR") or "~/.cache/r1flow").expanduser() / "ui.json"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def record_server(port: int, host: str = "127.0.0.1", pid: int | None = None) -> Path:
+    """Write the state file for a server on `host:port` owned by process `pid` (atomically)."""
+    path = state_file()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps({"host": host, "port": port, "pid": pid or os.getpid(),
+                               "api_url": api_url(port, host), "ui_url": ui_url(port, host)}))
+    os.replace(tmp, path)
+    return path
+
+
+def forget_server(pid: int | None = None) -> None:
+    """Remove the state file if it still names process `pid` (default: this one)."""
+    path = state_file()
+    try:
+        if json.loads(path.read_text()).get("pid") == (pid or os.getpid()):
+            path.unlink()
+    except (OSError, ValueError):
+        pass
+
+
+def running_server() -> dict | None:
+    """The server recorded by a running `r1flow ui` ({host, port, pid, api_url, ui_url}), or None when
+    there is no record, its process is gone, it is not on localhost, or its API does not answer."""
+    try:
+        info = json.loads(state_file().read_text())
+        host, port, pid = str(info["host"]), int(info["port"]), int(info["pid"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if host not in LOCALHOST or not _pid_alive(pid) or not is_healthy(port, host, timeout=1.0):
+        return None
+    return {"host": host, "port": port, "pid": pid, "api_url": api_url(port, host), "ui_url": ui_url(port, host)}
+
+
+def use_running_server() -> str | None:
+    """Point this process's Prefect client at the server of a running `r1flow ui` (sets
+    `PREFECT_API_URL`) unless `PREFECT_API_URL` is already set; returns the UI address it chose."""
+    if os.environ.get("PREFECT_API_URL"):
+        return None
+    info = running_server()
+    if info is None:
+        return None
+    os.environ["PREFECT_API_URL"] = info["api_url"]
+    return info["ui_url"]
 
 
 def _port_in_use(host: str, port: int) -> bool:
@@ -156,11 +223,12 @@ def main(port: int = 4200, host: str = "127.0.0.1", home: Path | None = None) ->
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # `kill` stops the server too
     print(f"Starting Prefect server on {ui_url(port, host)} (localhost only) ...", flush=True)
     proc = start_server(host=host, port=port, home=home)
+    record = record_server(port, host)
     print(f"Prefect UI:  {ui_url(port, host)}\n"
           f"Server log:  {proc.log_path}\n"  # type: ignore[attr-defined]
-          "Point pipeline runs at it (in the shell where you run r1flow):\n"
-          f"    export PREFECT_API_URL={api_url(port, host)}\n"
-          "Then `r1flow run`; in the UI open Runs -> the pipeline flow run -> Artifacts, or the\n"
+          f"r1flow commands on this machine report here while it runs (recorded in {record};\n"
+          f"elsewhere: export PREFECT_API_URL={api_url(port, host)}).\n"
+          "Run `r1flow run`, then in the UI open Runs -> the pipeline flow run -> Artifacts, or the\n"
           "Artifacts page for each stage's history across runs. Ctrl-C stops the server.", flush=True)
     try:
         return proc.wait()
@@ -168,4 +236,5 @@ def main(port: int = 4200, host: str = "127.0.0.1", home: Path | None = None) ->
         print("\nStopping Prefect server ...", flush=True)
         return 0
     finally:
+        forget_server()
         stop_server(proc)

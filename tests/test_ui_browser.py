@@ -256,7 +256,8 @@ def _start_r1flow_ui(port: int, home: Path) -> tuple[subprocess.Popen, str]:
     """Run `pipeline.ui.main` (what `r1flow ui` runs) in a child process; return it and what it
     printed up to its "Ctrl-C" line."""
     code = f"from pipeline.ui import main; raise SystemExit(main(port={port}, home={str(home)!r}))"
-    proc = subprocess.Popen([sys.executable, "-c", code], cwd=Path(__file__).parents[1],
+    env = {**os.environ, "R1FLOW_STATE_DIR": str(home)}  # its record goes there, not to ~/.cache
+    proc = subprocess.Popen([sys.executable, "-c", code], cwd=Path(__file__).parents[1], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     lines = []
     for line in proc.stdout:
@@ -271,14 +272,16 @@ def ui_process(tmp_path_factory):
     """`r1flow ui`'s server on a free localhost port with a throwaway PREFECT_HOME, as
     (process, port, printed text). At the end a Ctrl-C (SIGINT) must stop it and free the port."""
     port = ui.free_port()
-    proc, out = _start_r1flow_ui(port, tmp_path_factory.mktemp("prefect-home"))
+    home = tmp_path_factory.mktemp("prefect-home")
+    proc, out = _start_r1flow_ui(port, home)
     try:
         assert ui.is_healthy(port), out
-        yield proc, port, out
+        yield proc, port, out, home
         proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=30) == 0
         assert not ui.is_healthy(port)
         assert not ui._port_in_use("127.0.0.1", port)
+        assert not (home / "ui.json").exists()  # the record goes with the server
     finally:
         if proc.poll() is None:
             proc.kill()  # the server follows its parent (PR_SET_PDEATHSIG)
@@ -292,7 +295,7 @@ def server(ui_process):
 
 
 def test_r1flow_ui_prints_how_to_connect_and_serves_localhost_only(ui_process):
-    _, port, out = ui_process
+    _, port, out, _ = ui_process
     assert f"export PREFECT_API_URL=http://127.0.0.1:{port}/api" in out, out
     assert f"Prefect UI:  http://127.0.0.1:{port}" in out
     with urllib.request.urlopen(ui.ui_url(port), timeout=5) as r:  # the UI itself is served
@@ -301,6 +304,33 @@ def test_r1flow_ui_prints_how_to_connect_and_serves_localhost_only(ui_process):
     if outside:  # bound to localhost only: the machine's own network address is refused
         with pytest.raises(OSError):
             socket.create_connection((outside, port), timeout=2).close()
+
+
+def _discover(state_dir: Path, **env) -> str:
+    """What a new r1flow process would pick as its Prefect UI (`use_running_server`), and its API URL."""
+    code = "import os; from pipeline.ui import use_running_server as u; print(u(), os.environ.get('PREFECT_API_URL'))"
+    clean = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    out = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).parents[1], capture_output=True, text=True,
+                         env={**clean, "R1FLOW_STATE_DIR": str(state_dir), **env}, check=True)
+    return out.stdout.strip()
+
+
+def test_commands_find_the_running_ui_server(ui_process, tmp_path):
+    """A running `r1flow ui` is found through its record; PREFECT_API_URL wins; stale or foreign
+    records are ignored (a temporary server is used instead)."""
+    proc, port, _, home = ui_process
+    record = json.loads((home / "ui.json").read_text())
+    assert record["pid"] == proc.pid and record["api_url"] == ui.api_url(port)
+    assert _discover(home) == f"{ui.ui_url(port)} {ui.api_url(port)}"
+    assert _discover(home, PREFECT_API_URL="http://127.0.0.1:1/api") == "None http://127.0.0.1:1/api"
+    assert _discover(tmp_path) == "None None"  # no record
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    for bad in ({**record, "pid": int(dead.stdout)}, {**record, "port": ui.free_port()},
+                {**record, "host": "0.0.0.0"}, {"port": "x"}):
+        (tmp_path / "ui.json").write_text(json.dumps(bad))
+        assert _discover(tmp_path) == "None None", bad
+    (tmp_path / "ui.json").write_text("not json")
+    assert _discover(tmp_path) == "None None"
 
 
 def test_server_dies_with_a_killed_parent(tmp_path):
