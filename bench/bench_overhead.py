@@ -9,8 +9,12 @@ Needs the stage's upstream versions in the store (run the pipeline once first). 
           version write with hashing, artifacts);
 3. cli:   `r1flow stage NAME --force` as a fresh process (interpreter start, imports, Prefect's
           temporary API server, everything a user waits for).
-and prints seconds and the ratio to the bare work. Forced re-runs register new versions; the bench
-leaves them in the store (they are ordinary versions).
+4. script: the bare stage work as a fresh process (`python bench/bench_overhead.py --bare-only`:
+          interpreter start and imports, then 1.) -- what running the stage's own script costs;
+5. cli+ui: `r1flow stage NAME --force` as a fresh process while a Prefect server (`r1flow ui`) is up,
+          so the run reports to it instead of starting a temporary server.
+and prints seconds, the ratio to the bare work (1.) and, for fresh processes, to the bare script (4.).
+Forced re-runs register new versions; the bench leaves them in the store (they are ordinary versions).
 """
 
 from __future__ import annotations
@@ -55,13 +59,21 @@ def main() -> None:
     ap.add_argument("--stage", default="cold-start")
     ap.add_argument("--pipeline", default="tiny")
     ap.add_argument("--config", default=str(ROOT / "flows.yaml"))
+    ap.add_argument("--bare-only", action="store_true", help="only run the bare stage work (used for row 4)")
     args = ap.parse_args()
 
     from pipeline.config import load_config
-    from pipeline.flows import stage_flow
 
     loaded = load_config(args.config)
+    if args.bare_only:
+        bare(loaded, args.pipeline, args.stage)
+        return
+    from pipeline import ui
+    from pipeline.flows import stage_flow
+
     rows = [("bare stage work (run + eval)", bare(loaded, args.pipeline, args.stage))]
+    no_server = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    no_server["R1FLOW_STATE_DIR"] = tempfile.mkdtemp(prefix="r1flow-no-ui-")  # no `r1flow ui` record: temporary server
 
     t = time.perf_counter()
     stage_flow(config_file=str(loaded.path), pipeline=args.pipeline, stage=args.stage, force=True)
@@ -69,15 +81,34 @@ def main() -> None:
 
     t = time.perf_counter()
     subprocess.run([str(Path(sys.executable).parent / "r1flow"), "--config", args.config, "--pipeline", args.pipeline,
-                    "stage", args.stage, "--force"], check=True, env=os.environ.copy(),
+                    "stage", args.stage, "--force"], check=True, env=no_server,
                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     rows.append(("r1flow stage --force (new process)", time.perf_counter() - t))
 
-    base = rows[0][1]
+    t = time.perf_counter()
+    subprocess.run([sys.executable, __file__, "--config", args.config, "--pipeline", args.pipeline, "--stage", args.stage,
+                    "--bare-only"], check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    rows.append(("bare stage work as a script (new process)", time.perf_counter() - t))
+
+    with tempfile.TemporaryDirectory() as home:
+        port = ui.free_port()
+        server = ui.start_server(port=port, home=Path(home))
+        try:
+            t = time.perf_counter()
+            subprocess.run([str(Path(sys.executable).parent / "r1flow"), "--config", args.config, "--pipeline",
+                            args.pipeline, "stage", args.stage, "--force"], check=True,
+                           env={**os.environ, "PREFECT_API_URL": ui.api_url(port)},
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            rows.append(("r1flow stage --force, `r1flow ui` up (new process)", time.perf_counter() - t))
+        finally:
+            ui.stop_server(server)
+
+    base, script = rows[0][1], rows[3][1]
     print(f"\nstage {args.stage}, pipeline {args.pipeline}, {os.environ.get('OMP_NUM_THREADS', '?')} threads")
-    print(f"{'what':44s} {'seconds':>8s} {'x bare':>7s}")
-    for name, sec in rows:
-        print(f"{name:44s} {sec:8.1f} {sec / base:7.2f}")
+    print(f"{'what':52s} {'seconds':>8s} {'x bare':>7s} {'x script':>9s}")
+    for i, (name, sec) in enumerate(rows):
+        fresh = f"{sec / script:9.2f}" if i >= 2 else f"{'':9s}"
+        print(f"{name:52s} {sec:8.1f} {sec / base:7.2f} {fresh}")
 
 
 if __name__ == "__main__":
