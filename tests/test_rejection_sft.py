@@ -154,11 +154,10 @@ SMALL = dict(prompts={"path": "world:rl_prompts", "limit": 24}, keep_per_prompt=
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=False, reason="issue 4 open: the tiny judges trained here often end without a parsable `Verdict:` line, so the guard fails for no-verdict instead of naming canaries")
 def test_run_end_to_end_with_vllm(tmp_path, small_world, policy_version):
     rec = Recorder()
     cfg = Config(**SMALL, generation={"backend": "vllm", "n": 4, "temperature": 0.8, "max_new_tokens": 96},
-                 judge={"generation": {"backend": "transformers", "temperature": 0, "max_new_tokens": 8},
+                 judge={"generation": {"backend": "transformers", "temperature": 0, "max_new_tokens": 64},
                         "cross_check": 24})
     ctx = _ctx(tmp_path, small_world, policy_version, rec)
     metrics = rejection_sft.run(cfg, ctx)
@@ -215,10 +214,9 @@ def test_run_end_to_end_with_vllm(tmp_path, small_world, policy_version):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=False, reason="issue 4 open: the tiny judges trained here often end without a parsable `Verdict:` line, so the guard fails for no-verdict instead of naming canaries")
 def test_run_stops_on_a_judge_that_accepts_everything(tmp_path, small_world, policy_version, always_accept_judge):
     judge_cfg = {"model": str(always_accept_judge), "cross_check": 8,
-                 "generation": {"backend": "transformers", "temperature": 0, "max_new_tokens": 8}}
+                 "generation": {"backend": "transformers", "temperature": 0, "max_new_tokens": 64}}
     cfg = Config(**SMALL, generation={"backend": "transformers", "n": 2, "max_new_tokens": 96}, judge=judge_cfg)
     with pytest.raises(UserError) as err:
         rejection_sft.run(cfg, _ctx(tmp_path, small_world, policy_version))
