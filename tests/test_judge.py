@@ -3,11 +3,11 @@ real tiny models (an always-accepting judge fine-tuned in a fixture, and the tin
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
 import pytest
+from conftest import source_cache
 
 from stages import judge
 from stages.judge import CANARY_NAMES, canaries, parse_verdict, rule_verdict, wrong_answer
@@ -131,15 +131,13 @@ def test_judge_rows_labels_follow_the_rules():
 
 # ------------------------------------------------------------------------ real tiny judges (slow, cached)
 
-ROOT = Path(__file__).resolve().parent.parent
 SMALL_WORLD = dict(min_digits=1, max_digits=2, n_cold_start=600, n_rl_prompts=64, n_eval=32, n_general_sft=120, n_general_prompts=10,
                    n_general_eval=10, n_preference=12, pretrain_steps=150, pretrain_corpus_lines=6000, judge=True)
 
 
 def cache_dir(request, name: str, *sources: str) -> Path:
-    """A pytest-cache folder keyed by the source of the modules that build its content."""
-    digest = hashlib.sha256(b"".join((ROOT / s).read_bytes() for s in sources) + repr(SMALL_WORLD).encode())
-    return Path(request.config.cache.mkdir(f"r1flow-stage3-{name}-{digest.hexdigest()[:10]}"))
+    """A pytest-cache folder for stage-3 test assets, keyed by the source of the modules that build them."""
+    return source_cache(request, f"stage3-{name}", sources, SMALL_WORLD)
 
 
 @pytest.fixture(scope="session")

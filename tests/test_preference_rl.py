@@ -5,12 +5,12 @@ The session fixtures here (`tiny_world`, `stage3_policy`, `tiny_reward_model`) a
 test_monitor.py and test_reward_model.py. They are built once and cached under pytest's cache dir,
 keyed by the source of the modules that make them, so a re-run reuses them."""
 
-import hashlib
 import json
 import math
 from pathlib import Path
 
 import pytest
+from conftest import source_cache
 from pydantic import ValidationError
 
 from stages.common import StageContext, UserError
@@ -25,7 +25,6 @@ from stages.preference_rl import (
     total_rewards,
 )
 
-ROOT = Path(__file__).resolve().parent.parent
 
 
 def user(text):
@@ -46,10 +45,8 @@ SFT_ARGS = dict(num_train_epochs=6, per_device_train_batch_size=32, learning_rat
 
 
 def _cache_dir(request, name: str, *sources: str) -> Path:
-    """A folder in pytest's cache keyed by the source files that build its content (and the recipes)."""
-    digest = hashlib.sha256(b"".join((ROOT / s).read_bytes() for s in sources)
-                            + repr((SMALL_WORLD, SFT_ARGS)).encode()).hexdigest()[:10]
-    return Path(request.config.cache.mkdir(f"r1flow-stage4-{name}-{digest}"))
+    """A pytest-cache folder for stage-4 test assets, keyed by their sources and the recipes."""
+    return source_cache(request, f"stage4-{name}", sources, (SMALL_WORLD, SFT_ARGS))
 
 
 @pytest.fixture(scope="session")

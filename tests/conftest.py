@@ -1,0 +1,15 @@
+"""Shared test helpers."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def source_cache(request, name: str, sources: tuple[str, ...], recipe: object) -> Path:
+    """A folder in pytest's cache for slow-to-build test assets (worlds, policies, judges), keyed by
+    the source files that build them and by their recipe (`repr`), so any change rebuilds them."""
+    digest = hashlib.sha256(b"".join((ROOT / s).read_bytes() for s in sources) + repr(recipe).encode())
+    return Path(request.config.cache.mkdir(f"r1flow-{name}-{digest.hexdigest()[:10]}"))
