@@ -6,6 +6,7 @@ import argparse
 import json
 import os
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -245,16 +246,36 @@ def build_parser() -> argparse.ArgumentParser:
 FLOW_COMMANDS = {"world", "stage", "run"}
 
 
+def _prepare_flow_run() -> None:
+    """Before a flow command: report to a running `r1flow ui` if there is one; otherwise start
+    Prefect's temporary API server (~4 s) in a thread while this thread imports the training stack
+    (~3 s, which the stage needs anyway), so a re-run waits for the longer of the two, not the sum."""
+    from pipeline.ui import use_running_server  # noqa: PLC0415
+
+    url = use_running_server()
+    if url:
+        print(f"reporting to the Prefect UI at {url} (started by `r1flow ui`)", file=sys.stderr)
+    from prefect.settings import get_current_settings  # noqa: PLC0415
+
+    starter = None
+    if not get_current_settings().api.url:
+        from prefect.server.api.server import SubprocessASGIServer  # noqa: PLC0415
+
+        # the object Prefect's own client uses for its temporary server; started here, reused there
+        starter = threading.Thread(target=SubprocessASGIServer().start, name="prefect-server-start", daemon=True)
+        starter.start()
+    import trl  # noqa: F401,PLC0415  (imports torch and transformers)
+
+    if starter is not None:
+        starter.join()
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "r1flow")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # no telemetry calls from temporary servers
     args = build_parser().parse_args(argv)
     if args.command in FLOW_COMMANDS:
-        from pipeline.ui import use_running_server  # noqa: PLC0415
-
-        url = use_running_server()
-        if url:
-            print(f"reporting to the Prefect UI at {url} (started by `r1flow ui`)", file=sys.stderr)
+        _prepare_flow_run()
     try:
         return args.func(args)
     except UserError as exc:

@@ -333,6 +333,27 @@ def test_commands_find_the_running_ui_server(ui_process, tmp_path):
     assert _discover(tmp_path) == "None None"
 
 
+def test_flow_commands_start_the_temporary_server_early(tmp_path):
+    """Without any server, a flow command starts Prefect's temporary server while importing the training
+    stack, and Prefect's client then reuses that server (one server, answering, on localhost)."""
+    code = ("from pipeline.cli import _prepare_flow_run; _prepare_flow_run()\n"
+            "from prefect.server.api.server import SubprocessASGIServer as S\n"
+            "import urllib.request, sys\n"
+            "s = S(); assert s.running, 'not started'\n"
+            "assert s.api_url.startswith('http://127.0.0.1:'), s.api_url\n"
+            "assert urllib.request.urlopen(s.api_url + '/health', timeout=5).status == 200\n"
+            "from prefect.client.orchestration import get_client\n"
+            "assert str(get_client().api_url).rstrip('/') == s.api_url.rstrip('/'), 'client uses another server'\n"
+            "print('ok', 'trl' in sys.modules)")
+    clean = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    out = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).parents[1], capture_output=True, text=True,
+                         env={**clean, "R1FLOW_STATE_DIR": str(tmp_path), "PREFECT_HOME": str(tmp_path / "home")},
+                         timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().endswith("ok True")
+    assert out.stderr.count("Starting temporary server") <= 1
+
+
 def test_server_dies_with_a_killed_parent(tmp_path):
     """A SIGKILLed `r1flow ui` (no chance to clean up) does not leave a server behind."""
     port = ui.free_port()
