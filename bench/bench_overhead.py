@@ -13,7 +13,10 @@ Needs the stage's upstream versions in the store (run the pipeline once first). 
           interpreter start and imports, then 1.) -- what running the stage's own script costs;
 5. cli+ui: `r1flow stage NAME --force` as a fresh process while a Prefect server (`r1flow ui`) is up,
           so the run reports to it instead of starting a temporary server.
-and prints seconds, the ratio to the bare work (1.) and, for fresh processes, to the bare script (4.).
+For each it prints the wall time, the stage's own work inside that same run (run + eval, timed around
+`run()` and `evaluate()`: for r1flow runs the `seconds` in the new version's manifest) and their ratio.
+Comparing within a run keeps the training's run-to-run variation (often +-10% on a shared CPU) out of
+the ratio; the overhead column is what the orchestration (or a fresh interpreter) adds.
 Forced re-runs register new versions; the bench leaves them in the store (they are ordinary versions).
 """
 
@@ -66,49 +69,55 @@ def main() -> None:
 
     loaded = load_config(args.config)
     if args.bare_only:
-        bare(loaded, args.pipeline, args.stage)
+        print(f"BARE_SECONDS {bare(loaded, args.pipeline, args.stage)}")
         return
     from pipeline import ui
     from pipeline.flows import stage_flow
+    from pipeline.store import Store
 
-    rows = [("bare stage work (run + eval)", bare(loaded, args.pipeline, args.stage))]
+    store = Store(loaded.storage_root(args.pipeline))
+    cli = [str(Path(sys.executable).parent / "r1flow"), "--config", args.config, "--pipeline", args.pipeline,
+           "stage", args.stage, "--force"]
     no_server = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
     no_server["R1FLOW_STATE_DIR"] = tempfile.mkdtemp(prefix="r1flow-no-ui-")  # no `r1flow ui` record: temporary server
 
+    def new_version_work() -> float:
+        return float(store.latest(args.stage).metrics["seconds"])
+
+    def timed_cli(env) -> tuple[float, float]:
+        t = time.perf_counter()
+        subprocess.run(cli, check=True, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        return time.perf_counter() - t, new_version_work()
+
+    rows = []
+    work = bare(loaded, args.pipeline, args.stage)
+    rows.append(("1. bare stage work (run + eval), in-process", work, work))
+
     t = time.perf_counter()
     stage_flow(config_file=str(loaded.path), pipeline=args.pipeline, stage=args.stage, force=True)
-    rows.append(("stage_flow in-process (Prefect + store)", time.perf_counter() - t))
+    rows.append(("2. stage_flow in-process (Prefect + store)", time.perf_counter() - t, new_version_work()))
+
+    rows.append(("3. r1flow stage --force (new process)", *timed_cli(no_server)))
 
     t = time.perf_counter()
-    subprocess.run([str(Path(sys.executable).parent / "r1flow"), "--config", args.config, "--pipeline", args.pipeline,
-                    "stage", args.stage, "--force"], check=True, env=no_server,
-                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    rows.append(("r1flow stage --force (new process)", time.perf_counter() - t))
-
-    t = time.perf_counter()
-    subprocess.run([sys.executable, __file__, "--config", args.config, "--pipeline", args.pipeline, "--stage", args.stage,
-                    "--bare-only"], check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    rows.append(("bare stage work as a script (new process)", time.perf_counter() - t))
+    out = subprocess.run([sys.executable, __file__, "--config", args.config, "--pipeline", args.pipeline,
+                          "--stage", args.stage, "--bare-only"], check=True, capture_output=True, text=True).stdout
+    wall = time.perf_counter() - t
+    rows.append(("4. bare stage work as a script (new process)", wall, float(out.split("BARE_SECONDS")[-1])))
 
     with tempfile.TemporaryDirectory() as home:
         port = ui.free_port()
         server = ui.start_server(port=port, home=Path(home))
         try:
-            t = time.perf_counter()
-            subprocess.run([str(Path(sys.executable).parent / "r1flow"), "--config", args.config, "--pipeline",
-                            args.pipeline, "stage", args.stage, "--force"], check=True,
-                           env={**os.environ, "PREFECT_API_URL": ui.api_url(port)},
-                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            rows.append(("r1flow stage --force, `r1flow ui` up (new process)", time.perf_counter() - t))
+            rows.append(("5. r1flow stage --force, `r1flow ui` up (new process)",
+                         *timed_cli({**os.environ, "PREFECT_API_URL": ui.api_url(port)})))
         finally:
             ui.stop_server(server)
 
-    base, script = rows[0][1], rows[3][1]
     print(f"\nstage {args.stage}, pipeline {args.pipeline}, {os.environ.get('OMP_NUM_THREADS', '?')} threads")
-    print(f"{'what':52s} {'seconds':>8s} {'x bare':>7s} {'x script':>9s}")
-    for i, (name, sec) in enumerate(rows):
-        fresh = f"{sec / script:9.2f}" if i >= 2 else f"{'':9s}"
-        print(f"{name:52s} {sec:8.1f} {sec / base:7.2f} {fresh}")
+    print(f"{'what':56s} {'wall s':>7s} {'work s':>7s} {'overhead s':>10s} {'wall/work':>9s}")
+    for name, wall, work in rows:
+        print(f"{name:56s} {wall:7.1f} {work:7.1f} {wall - work:10.1f} {wall / work:9.2f}")
 
 
 if __name__ == "__main__":
