@@ -68,6 +68,7 @@ def cmd_stage(args) -> int:
 
     loaded = load_config(args.config)
     name, pipe = loaded.get(args.pipeline)
+    _prefect_api_ready()
     if args.downstream:
         rows = flows.pipeline_flow(config_file=str(loaded.path), pipeline=name, start_at=args.name)
     else:
@@ -87,6 +88,7 @@ def cmd_run(args) -> int:
 
     loaded = load_config(args.config)
     name, _ = loaded.get(args.pipeline_name or args.pipeline)
+    _prefect_api_ready()
     start = time.monotonic()
     try:
         rows = flows.pipeline_flow(config_file=str(loaded.path), pipeline=name, force=args.force or [])
@@ -243,13 +245,13 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-FLOW_COMMANDS = {"world", "stage", "run"}
+_TEMP_SERVER: dict = {}
 
 
-def _prepare_flow_run() -> None:
-    """Before a flow command: report to a running `r1flow ui` if there is one; otherwise start
-    Prefect's temporary API server (~4 s) in a thread while this thread imports the training stack
-    (~3 s, which the stage needs anyway), so a re-run waits for the longer of the two, not the sum."""
+def _start_prefect_api() -> None:
+    """Before a flow command loads its config: report to a running `r1flow ui` if there is one;
+    otherwise start Prefect's temporary API server (~5 s) in a thread, so it comes up while the config
+    and the training stack load (~3 s). `_prefect_api_ready()` waits for it before the first flow."""
     from pipeline.ui import use_running_server  # noqa: PLC0415
 
     url = use_running_server()
@@ -257,25 +259,49 @@ def _prepare_flow_run() -> None:
         print(f"reporting to the Prefect UI at {url} (started by `r1flow ui`)", file=sys.stderr)
     from prefect.settings import get_current_settings  # noqa: PLC0415
 
-    starter = None
-    if not get_current_settings().api.url:
-        from prefect.server.api.server import SubprocessASGIServer  # noqa: PLC0415
+    if get_current_settings().api.url:
+        return
+    from prefect.server.api.server import SubprocessASGIServer  # noqa: PLC0415
 
-        # the object Prefect's own client uses for its temporary server; started here, reused there
-        starter = threading.Thread(target=SubprocessASGIServer().start, name="prefect-server-start", daemon=True)
-        starter.start()
-    import trl  # noqa: F401,PLC0415  (imports torch and transformers)
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # no telemetry calls from it
+    server = SubprocessASGIServer()  # the object Prefect's client uses: started here, reused there
 
-    if starter is not None:
-        starter.join()
+    def start() -> None:
+        try:
+            server.start()
+        except Exception:  # noqa: BLE001  (the flow's own start() raises it again, with Prefect's message)
+            pass
+
+    thread = threading.Thread(target=start, name="prefect-server-start", daemon=True)
+    thread.start()
+    _TEMP_SERVER.update(server=server, thread=thread)
+
+
+def _prefect_api_ready() -> None:
+    """Wait until the temporary server started by `_start_prefect_api` answers (no-op without one)."""
+    if _TEMP_SERVER:
+        _TEMP_SERVER["thread"].join()
+
+
+def _release_prefect_api() -> None:
+    """On the way out: a server still starting has, once its process exists, registered its shutdown
+    at exit (Prefect does so right after spawning it), so wait only for that, never for it to be up."""
+    if not _TEMP_SERVER:
+        return
+    server, thread = _TEMP_SERVER["server"], _TEMP_SERVER["thread"]
+    deadline = time.monotonic() + 5
+    while thread.is_alive() and server.server_process is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+
+
+FLOW_COMMANDS = {"world", "stage", "run"}
 
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "r1flow")
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # no telemetry calls from temporary servers
     args = build_parser().parse_args(argv)
     if args.command in FLOW_COMMANDS:
-        _prepare_flow_run()
+        _start_prefect_api()
     try:
         return args.func(args)
     except UserError as exc:
@@ -285,6 +311,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    finally:
+        _release_prefect_api()
 
 
 if __name__ == "__main__":

@@ -333,25 +333,54 @@ def test_commands_find_the_running_ui_server(ui_process, tmp_path):
     assert _discover(tmp_path) == "None None"
 
 
+def _run_python(code: str, tmp_path: Path, **env) -> subprocess.CompletedProcess:
+    """`code` in a fresh interpreter with no Prefect server configured and no `r1flow ui` record."""
+    clean = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    return subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).parents[1], capture_output=True, text=True,
+                          env={**clean, "R1FLOW_STATE_DIR": str(tmp_path), "PREFECT_HOME": str(tmp_path / "home"), **env},
+                          timeout=120)
+
+
 def test_flow_commands_start_the_temporary_server_early(tmp_path):
-    """Without any server, a flow command starts Prefect's temporary server while importing the training
-    stack, and Prefect's client then reuses that server (one server, answering, on localhost)."""
-    code = ("from pipeline.cli import _prepare_flow_run; _prepare_flow_run()\n"
+    """Without any server, a flow command starts Prefect's temporary server before loading its config,
+    and Prefect's client then reuses that server (one server, answering, on localhost)."""
+    code = ("from pipeline import cli; cli._start_prefect_api(); cli._prefect_api_ready()\n"
             "from prefect.server.api.server import SubprocessASGIServer as S\n"
-            "import urllib.request, sys\n"
+            "import urllib.request\n"
             "s = S(); assert s.running, 'not started'\n"
             "assert s.api_url.startswith('http://127.0.0.1:'), s.api_url\n"
             "assert urllib.request.urlopen(s.api_url + '/health', timeout=5).status == 200\n"
             "from prefect.client.orchestration import get_client\n"
             "assert str(get_client().api_url).rstrip('/') == s.api_url.rstrip('/'), 'client uses another server'\n"
-            "print('ok', 'trl' in sys.modules)")
-    clean = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
-    out = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).parents[1], capture_output=True, text=True,
-                         env={**clean, "R1FLOW_STATE_DIR": str(tmp_path), "PREFECT_HOME": str(tmp_path / "home")},
-                         timeout=120)
-    assert out.returncode == 0, out.stderr[-2000:]
-    assert out.stdout.strip().endswith("ok True")
-    assert out.stderr.count("Starting temporary server") <= 1
+            "print('ok')")
+    out = _run_python(code, tmp_path)
+    assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-2000:]
+    assert "telemetry" not in out.stderr
+
+
+def _processes_with(marker: str) -> list[int]:
+    pids = []
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and marker.encode() in (proc / "environ").read_bytes():
+                pids.append(int(proc.name))
+        except OSError:
+            continue
+    return pids
+
+
+def test_a_user_error_in_a_flow_command_exits_fast_and_leaves_no_server(tmp_path):
+    marker = f"R1FLOW_TEST_MARKER={os.getpid()}-{tmp_path.name}"
+    key, value = marker.split("=")
+    code = "import sys; from pipeline.cli import main; sys.exit(main(['-c', 'missing.yaml', 'stage', 'world']))"
+    out = _run_python(code, tmp_path, **{key: value})
+    assert out.returncode == 2
+    assert "error: missing.yaml: config file not found" in out.stderr
+    assert "Traceback" not in out.stderr
+    deadline = time.monotonic() + 10
+    while _processes_with(marker) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert _processes_with(marker) == []  # the temporary server it had started is gone
 
 
 def test_server_dies_with_a_killed_parent(tmp_path):
