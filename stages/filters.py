@@ -22,7 +22,7 @@ from pydantic import Field, field_validator, model_validator
 
 from stages.common import StageConfig
 from stages.rewards import (
-    LANGUAGE_SCRIPTS,
+    Language,
     completion_text,
     extract_answer,
     format_problem,
@@ -53,7 +53,7 @@ class FilterConfig(StageConfig):
                                                        "(``` or ~~~); off for tasks where code does not belong")
     max_foreign_word_share: float = Field(0.05, ge=0, le=1, description="language: reject when more than this "
                                           "share of the reasoning's words is not in the target language's script")
-    language: str = Field("en", description="language: target language for samples without a `language` value")
+    language: Language = Field("en", description="language: target language for samples without a `language` value")
     repetition_ngram: int = Field(4, ge=1, description="repetition: n of the word n-grams counted")
     max_repeated_ngram_share: float = Field(0.8, ge=0, le=1, description="repetition: reject when more than "
                                             "this share of the n-grams repeats an earlier one (loops)")
@@ -73,13 +73,6 @@ class FilterConfig(StageConfig):
         if problems:
             raise ValueError("; ".join(problems))
         return order
-
-    @field_validator("language")
-    @classmethod
-    def _check_language(cls, language: str) -> str:
-        if language not in LANGUAGE_SCRIPTS:
-            raise ValueError(f"unknown language {language!r} (expected one of {sorted(LANGUAGE_SCRIPTS)})")
-        return language
 
     @model_validator(mode="after")
     def _check_bounds(self) -> "FilterConfig":

@@ -25,9 +25,9 @@ import math
 import re
 import threading
 import unicodedata
-from typing import Any, Callable
+from typing import Annotated, Any, Callable
 
-from pydantic import Field, field_validator
+from pydantic import AfterValidator, Field, field_validator
 
 from stages.common import StageConfig, UserError
 
@@ -169,6 +169,16 @@ LANGUAGE_SCRIPTS: dict[str, frozenset[str]] = {
     "he": frozenset({"HEBREW"}),
     "hi": frozenset({"DEVANAGARI"}),
 }
+
+
+def _known_language(language: str) -> str:
+    if language not in LANGUAGE_SCRIPTS:
+        raise ValueError(f"unknown language {language!r} (expected one of {sorted(LANGUAGE_SCRIPTS)})")
+    return language
+
+
+# A config field holding a language code of LANGUAGE_SCRIPTS (rewards and filters both use it).
+Language = Annotated[str, AfterValidator(_known_language)]
 _PER_CHAR_SCRIPTS = {"CJK", "HIRAGANA", "KATAKANA"}  # no spaces between words: one word per character
 _KNOWN_SCRIPTS = ("LATIN", "CYRILLIC", "GREEK", "ARABIC", "HEBREW", "DEVANAGARI", "HANGUL", "HIRAGANA",
                   "KATAKANA", "CJK", "THAI")
@@ -368,7 +378,7 @@ class RewardsConfig(StageConfig):
     )
     accuracy_wrong: float = Field(0.0, description="accuracy reward for a wrong or missing answer "
                                                    "(R1 used -1; correct is always 1)")
-    language: str = Field("en", description="target language of the reasoning for rows without a "
+    language: Language = Field("en", description="target language of the reasoning for rows without a "
                                             "`language` column value (a code from LANGUAGE_SCRIPTS)")
     max_chars: int = Field(4000, gt=0, description="length penalty: completions up to this many "
                                                    "characters are not penalised")
@@ -388,13 +398,6 @@ class RewardsConfig(StageConfig):
         if problems:
             raise ValueError("; ".join(problems))
         return weights
-
-    @field_validator("language")
-    @classmethod
-    def _check_language(cls, language: str) -> str:
-        if language not in LANGUAGE_SCRIPTS:
-            raise ValueError(f"unknown language {language!r} (expected one of {sorted(LANGUAGE_SCRIPTS)})")
-        return language
 
 
 def _bound(name: str, cfg: RewardsConfig) -> Callable[..., list]:
