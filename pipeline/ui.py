@@ -202,8 +202,9 @@ def start_server(host: str = "127.0.0.1", port: int = 4200, home: Path | None = 
                        f"{timeout:.0f} s; log: {log_path}")
 
 
-def stop_server(proc: subprocess.Popen, timeout: float = 15.0) -> None:
-    """Stop a server started by `start_server` (SIGTERM to its process group, then SIGKILL)."""
+def stop_server(proc: subprocess.Popen, timeout: float = 5.0) -> None:
+    """Stop a server started by `start_server`: SIGTERM to its process group, SIGKILL after `timeout`
+    seconds (uvicorn's graceful shutdown waits for open event streams; SQLite needs no grace)."""
     if proc.poll() is not None:
         return
     for sig in (signal.SIGTERM, signal.SIGKILL):

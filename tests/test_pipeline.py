@@ -9,6 +9,7 @@ import json
 from pathlib import Path
 
 import pytest
+from conftest import drain_prefect
 import yaml
 
 from pipeline import flows
@@ -71,6 +72,7 @@ def prefect(tmp_path_factory):
     try:
         with temporary_settings({PREFECT_API_URL: ui.api_url(port)}):
             yield port
+            drain_prefect()  # deliver queued logs and events before the server stops
     finally:
         ui.stop_server(proc)
 

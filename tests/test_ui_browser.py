@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import drain_prefect
 
 from pipeline import reporting, ui
 from stages.common import UserError
@@ -277,6 +278,7 @@ def ui_process(tmp_path_factory):
     try:
         assert ui.is_healthy(port), out
         yield proc, port, out, home
+        drain_prefect()  # close this process's event stream to the server, or its shutdown waits for it
         proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=30) == 0
         assert not ui.is_healthy(port)
@@ -466,9 +468,7 @@ def run_stand_in_pipeline(port: int, png: Path, cached: bool = False) -> str:
     with temporary_settings({PREFECT_API_URL: ui.api_url(port)}):
         state = pipeline(return_state=True)
         results = state.result()
-        from prefect.logging.handlers import APILogWorker
-
-        APILogWorker.drain_all(timeout=5)  # send run logs now, before the server may go away
+        drain_prefect()  # send run logs and events now, before the server goes away
     assert [res["stage"] for res in results] == STAGES
     return str(state.state_details.flow_run_id)
 
