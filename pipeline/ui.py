@@ -222,6 +222,8 @@ def stop_server(proc: subprocess.Popen, timeout: float = 5.0) -> None:
 def main(port: int = 4200, host: str = "127.0.0.1", home: Path | None = None) -> int:
     """What `r1flow ui` runs: start the server, say how to use it, serve until Ctrl-C."""
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # `kill` stops the server too
+    # Ctrl-C stops it even when started from a script's background job (which inherits SIGINT ignored)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     print(f"Starting Prefect server on {ui_url(port, host)} (localhost only) ...", flush=True)
     proc = start_server(host=host, port=port, home=home)
     record = record_server(port, host)
