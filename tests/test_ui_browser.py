@@ -258,8 +258,10 @@ def _start_r1flow_ui(port: int, home: Path) -> tuple[subprocess.Popen, str]:
     printed up to its "Ctrl-C" line."""
     code = f"from pipeline.ui import main; raise SystemExit(main(port={port}, home={str(home)!r}))"
     env = {**os.environ, "R1FLOW_STATE_DIR": str(home)}  # its record goes there, not to ~/.cache
+    # started with SIGINT ignored, as from a script's background job: Ctrl-C must still stop it
     proc = subprocess.Popen([sys.executable, "-c", code], cwd=Path(__file__).parents[1], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
     lines = []
     for line in proc.stdout:
         lines.append(line)
