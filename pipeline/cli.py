@@ -249,17 +249,21 @@ _TEMP_SERVER: dict = {}
 
 
 def _start_prefect_api() -> None:
-    """Before a flow command loads its config: report to a running `r1flow ui` if there is one;
-    otherwise start Prefect's temporary API server (~5 s) in a thread, so it comes up while the config
-    and the training stack load (~3 s). `_prefect_api_ready()` waits for it before the first flow."""
-    from pipeline.ui import use_running_server  # noqa: PLC0415
-
-    url = use_running_server()
-    if url:
-        print(f"reporting to the Prefect UI at {url} (started by `r1flow ui`)", file=sys.stderr)
+    """Before a flow command loads its config, pick the Prefect API: the configured one
+    (`PREFECT_API_URL`, from the environment or the Prefect profile), else a running `r1flow ui`, else
+    Prefect's temporary server (~5 s), started in a thread so that it comes up while the config and the
+    training stack load (~3 s); `_prefect_api_ready()` waits for it before the first flow."""
+    from prefect.context import refresh_global_settings_context  # noqa: PLC0415
     from prefect.settings import get_current_settings  # noqa: PLC0415
 
+    from pipeline.ui import use_running_server  # noqa: PLC0415
+
     if get_current_settings().api.url:
+        return
+    url = use_running_server()
+    if url:
+        refresh_global_settings_context()  # Prefect read its settings at import: make it see the new URL
+        print(f"reporting to the Prefect UI at {url} (started by `r1flow ui`)", file=sys.stderr)
         return
     from prefect.server.api.server import SubprocessASGIServer  # noqa: PLC0415
 

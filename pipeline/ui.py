@@ -6,7 +6,8 @@ Pipeline runs report to it while it is up:
     r1flow run                                  # terminal 2; open http://127.0.0.1:4200
 
 `r1flow ui` records its address in `~/.cache/r1flow/ui.json` (directory: `$R1FLOW_STATE_DIR`), and
-the other commands use that server when `PREFECT_API_URL` is unset and the server answers; with
+the other commands use that server when no `PREFECT_API_URL` is configured (environment or Prefect
+profile) and the server answers; with
 `PREFECT_API_URL` set (e.g. `http://127.0.0.1:4200/api`) they use that instead. With neither,
 Prefect starts a temporary server for the run (a few seconds) and the UI never sees the run.
 """

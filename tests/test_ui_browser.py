@@ -335,6 +335,24 @@ def test_commands_find_the_running_ui_server(ui_process, tmp_path):
         assert _discover(tmp_path) == "None None", bad
     (tmp_path / "ui.json").write_text("not json")
     assert _discover(tmp_path) == "None None"
+    # and a flow command's Prefect client then talks to that server, with no temporary server of its own
+    code = ("from pipeline import cli; cli._start_prefect_api(); cli._prefect_api_ready()\n"
+            "from prefect.client.orchestration import get_client\n"
+            "from prefect.server.api.server import SubprocessASGIServer as S\n"
+            "print(str(get_client().api_url).rstrip('/'), S().running)")
+    out = _run_python(code, tmp_path, R1FLOW_STATE_DIR=str(home))
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == [ui.api_url(port), "False"]
+    assert "reporting to the Prefect UI at" in out.stderr
+    # a server named in the Prefect profile wins over the record, like PREFECT_API_URL in the environment
+    profile_home = tmp_path / "profile-home"
+    profile_home.mkdir()
+    (profile_home / "profiles.toml").write_text('active = "team"\n[profiles.team]\n'
+                                                'PREFECT_API_URL = "http://127.0.0.1:1/api"\n')
+    code = ("from pipeline import cli; cli._start_prefect_api()\n"
+            "from prefect.settings import get_current_settings\nprint(get_current_settings().api.url)")
+    out = _run_python(code, tmp_path, R1FLOW_STATE_DIR=str(home), PREFECT_HOME=str(profile_home))
+    assert out.returncode == 0 and out.stdout.strip() == "http://127.0.0.1:1/api", (out.stdout, out.stderr[-2000:])
 
 
 def _run_python(code: str, tmp_path: Path, **env) -> subprocess.CompletedProcess:
