@@ -16,12 +16,14 @@ that passed.
     guard.passed, guard.message, verdicts  # -> True, "...", [True, None, False, ...]
 
 `build_tiny_judge(world_dir, seed)` trains the tiny world's judge: the world's base model fine-tuned
-(TRL SFTTrainer) on verdicts that agree with the rule verifier (`rule_verdict`).
+(TRL SFTTrainer) to write a short check and then a verdict that agree with the rule verifier
+(`rule_verdict`), first on short drill responses, then on full ones (see `build_tiny_judge`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import logging
 import random
@@ -56,7 +58,7 @@ CANARY_NAMES = ("gibberish", "repeated-token", "bare-answer", "wrong-answer", "i
 
 
 def _default_generation() -> GenerationConfig:
-    return GenerationConfig(backend="vllm", n=1, temperature=0.0, max_new_tokens=32)
+    return GenerationConfig(backend="vllm", n=1, temperature=0.0, max_new_tokens=96)
 
 
 class JudgeConfig(StageConfig):
@@ -351,20 +353,59 @@ def judge_responses(row: dict, other: dict, rng: random.Random) -> list[tuple[st
     return variants
 
 
-def judge_rows(source: list[dict], template: str, seed: int) -> list[dict]:
-    """Judge SFT rows {prompt, completion, kind, label} from cold-start rows; labels by `rule_verdict`."""
+def judge_check(reference: Any, response: str, min_reasoning_tokens: int = 3) -> str:
+    """The check the tiny judge writes before its verdict, derived from the same rules as `rule_verdict`:
+    the first format problem, or the response's answer and the reference compared digit by digit, units
+    first (`y` same, `n` different, `_` a missing digit), e.g. `1781 1751. 1=1 y, 8=5 n, 7=7 y, 1=1 y.`
+    A 1M-parameter model cannot learn to compare two numbers from a one-word verdict in a CPU budget; it
+    learns to copy and compare digits column by column, as it learned for addition, in a few hundred steps."""
+    response = completion_text(response)
+    if format_problem(response) is not None:
+        return "bad format."
+    if len(tokens(reasoning_text(response))) < min_reasoning_tokens:
+        return "no reasoning."
+    answer, ref = extract_answer(response) or "", str(reference).strip()
+    if not (answer.isdigit() and ref.isdigit()):
+        return f"{answer} {ref}."
+    pairs = itertools.zip_longest(answer[::-1], ref[::-1], fillvalue="_")
+    return f"{answer} {ref}. " + ", ".join(f"{x}={y} {'y' if x == y else 'n'}" for x, y in pairs) + "."
+
+
+def _judge_row(template: str, question: str, reference: Any, response: str, kind: str, check: bool) -> dict:
+    label = rule_verdict(reference, response)
+    verdict = "Verdict: correct" if label else "Verdict: incorrect"
+    return {"prompt": judge_prompt(template, question, reference, response),
+            "completion": [{"role": "assistant",
+                            "content": f"{judge_check(reference, response)}\n{verdict}" if check else verdict}],
+            "kind": kind, "label": label, "question": question, "reference": reference, "response": response}
+
+
+def judge_rows(source: list[dict], template: str, seed: int, check: bool = False) -> list[dict]:
+    """Judge SFT rows {prompt, completion, kind, label, ...} from cold-start rows; labels by `rule_verdict`.
+    The completion is the verdict line, preceded by `judge_check` when `check`."""
     rng = random.Random(seed)
     rows = []
     for i, row in enumerate(source):
         other = source[(i + 1 + rng.randrange(len(source) - 1)) % len(source)] if len(source) > 1 else row
         for kind, response in judge_responses(row, other, rng):
-            label = rule_verdict(row["answer"], response)
-            question = question_text(row["prompt"])
-            rows.append({"prompt": judge_prompt(template, question, row["answer"], response),
-                         "completion": [{"role": "assistant",
-                                         "content": "Verdict: correct" if label else "Verdict: incorrect"}],
-                         "kind": kind, "label": label, "question": question, "reference": row["answer"],
-                         "response": response})
+            rows.append(_judge_row(template, question_text(row["prompt"]), row["answer"], response, kind, check))
+    rng.shuffle(rows)
+    return rows
+
+
+def drill_rows(source: list[dict], template: str, seed: int, passes: int = 2) -> list[dict]:
+    """Short judge rows for the first phase of the tiny judge's training: responses
+    `<think>So the answer is X.</think><answer>Y</answer>` with X, Y the reference, a one-digit miss or an
+    unrelated number, so that comparing the answer with the reference is all there is to learn."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(passes):
+        for row in source:
+            ref, question = str(row["answer"]), question_text(row["prompt"])
+            near, other = _perturb_number(ref, rng), str(rng.randrange(10 ** (len(ref) - 1), 10 ** len(ref) * 2))
+            for x, y in ((ref, ref), (ref, _perturb_number(ref, rng)), (near, near), (other, other)):
+                response = f"<think>So the answer is {x}.</think><answer>{y}</answer>"
+                rows.append(_judge_row(template, question, ref, response, "drill", check=True))
     rng.shuffle(rows)
     return rows
 
@@ -380,6 +421,13 @@ JUDGE_TRAINER_DEFAULTS: dict[str, Any] = {
     "max_length": 384,
     "save_strategy": "no",
     "bf16": False,
+}
+# The tiny judge's two phases (TRL SFTConfig overrides). Measured on the tiny world (1440 training
+# questions, 2 CPU cores, seed 0): 800 drill + 300 full steps, 583 s, 93.3% held-out agreement with the
+# rules; 500 + 300 steps, 444 s, 78.3% (bench/TINY_RESULTS.md). The digit comparison is learned late.
+TINY_JUDGE_PHASES: dict[str, dict[str, Any]] = {
+    "drill": {"max_steps": 800, "lr_scheduler_type": "constant_with_warmup", "warmup_steps": 20},
+    "full": {"max_steps": 300, "lr_scheduler_type": "cosine", "warmup_steps": 10},
 }
 
 
@@ -411,13 +459,15 @@ def _write_jsonl(path: Path, rows: list[dict]) -> None:
     path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
 
 
-def build_tiny_judge(world_dir: Path, seed: int, n_source: int = 350, n_eval_source: int = 60,
-                     trainer_args: dict[str, Any] | None = None) -> dict:
+def build_tiny_judge(world_dir: Path, seed: int, n_eval_source: int = 60,
+                     phases: dict[str, dict[str, Any]] | None = None) -> dict:
     """Train the tiny world's judge into `world_dir/judge` and write `data/judge_train.jsonl` and
     `data/judge_eval.jsonl` (question, reference, response, kind, label). Built from the world's
     cold-start rows (never its eval set; the last `n_eval_source` questions are held out): each question
     gets correct chains and many kinds of bad responses (near misses, another question's chain, bare
-    answers, gibberish, loops, truncations, prompt injections), labelled by `rule_verdict`. Returns
+    answers, gibberish, loops, truncations, prompt injections), labelled by `rule_verdict`. The judge
+    writes `judge_check` and then its verdict; it is trained in two phases (`TINY_JUDGE_PHASES`, each
+    overridable through `phases`): short drill responses (`drill_rows`), then the full ones. Returns
     metrics incl. `heldout_agreement` with the rule verifier (greedy verdicts; "no verdict" counts as
     disagreement), per kind, and the judge guard's canary acceptance on held-out questions."""
     import shutil  # noqa: PLC0415
@@ -425,25 +475,29 @@ def build_tiny_judge(world_dir: Path, seed: int, n_source: int = 350, n_eval_sou
     world_dir = Path(world_dir)
     t0 = time.time()
     source = _read_jsonl(world_dir / "data" / "cold_start.jsonl")
-    if len(source) < n_source + n_eval_source:
-        raise UserError(f"{world_dir}/data/cold_start.jsonl: needs at least {n_source + n_eval_source} rows "
+    if len(source) < 2 * n_eval_source:
+        raise UserError(f"{world_dir}/data/cold_start.jsonl: needs at least {2 * n_eval_source} rows "
                         f"to build the tiny judge (has {len(source)})")
-    train = judge_rows(source[:n_source], TINY_TEMPLATE, seed)
-    heldout = judge_rows(source[-n_eval_source:], TINY_TEMPLATE, seed + 1)
+    train = judge_rows(source[:-n_eval_source], TINY_TEMPLATE, seed, check=True)
+    drill = drill_rows(source[:-n_eval_source], TINY_TEMPLATE, seed)
+    heldout = judge_rows(source[-n_eval_source:], TINY_TEMPLATE, seed + 1, check=True)
     keep = ("question", "reference", "response", "kind", "label")
     _write_jsonl(world_dir / "data" / "judge_train.jsonl", [{k: r[k] for k in keep} for r in train])
     _write_jsonl(world_dir / "data" / "judge_eval.jsonl", [{k: r[k] for k in keep} for r in heldout])
 
     out = world_dir / "judge"
     work = world_dir / ".judge_work"
-    history = train_judge(str(world_dir / "base_model"), train, out, seed, work, trainer_args)
+    phases = {name: {**args, **(phases or {}).get(name, {})} for name, args in TINY_JUDGE_PHASES.items()}
+    drill_history = train_judge(str(world_dir / "base_model"), drill, work / "drill", seed, work / "trainer",
+                                phases["drill"])
+    history = train_judge(str(work / "drill"), train, out, seed, work / "trainer", phases["full"])
     shutil.rmtree(work, ignore_errors=True)
     (out / JUDGE_FILE).write_text(json.dumps({"template": TINY_TEMPLATE, "verdicts": ["Verdict: correct",
                                                                                     "Verdict: incorrect"]}))
     train_s = time.time() - t0
 
     cfg = JudgeConfig(model=str(out), generation=GenerationConfig(backend="transformers", n=1, temperature=0.0,
-                                                                  max_new_tokens=16))
+                                                                  max_new_tokens=96))
     examples = [{"question": question_text(r["prompt"]), "reference": r["answer"]} for r in source[-8:]]
     probes = canary_items(examples, seed)
     outputs = _run_judge(cfg, probes + heldout, str(out))
@@ -454,12 +508,13 @@ def build_tiny_judge(world_dir: Path, seed: int, n_source: int = 350, n_eval_sou
     for ok, r in zip(agree, heldout):
         by_kind.setdefault(r["kind"], []).append(ok)
     metrics = {
-        "train_rows": len(train), "heldout_rows": len(heldout),
+        "drill_rows": len(drill), "train_rows": len(train), "heldout_rows": len(heldout),
         "train_correct_share": round(sum(r["label"] for r in train) / len(train), 3),
         "heldout_agreement": round(sum(agree) / len(agree), 4),
         "heldout_no_verdict": sum(v is None for v in verdicts),
         "agreement_by_kind": {k: round(sum(v) / len(v), 3) for k, v in sorted(by_kind.items())},
         "canary_accept_share": round(guard.accept_share, 3), "guard_passed": guard.passed,
+        "drill_final_loss": drill_history[-1]["loss"] if drill_history else None,
         "final_loss": history[-1]["loss"] if history else None, "train_seconds": round(train_s, 1),
         "seconds": round(time.time() - t0, 1),
     }

@@ -422,8 +422,10 @@ def write_jsonl(path: Path, rows: list[dict]) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
-def write_card(name: str, rows: list[dict], sha: str, cfg: Config, seed: int, out: Path) -> None:
-    """Render data_cards/<name>.md (a Jinja template with YAML metadata) with sizes and seed."""
+def write_card(name: str, rows: list[dict], sha: str, cfg: Config, seed: int, out: Path,
+               template: str | None = None, **extra) -> None:
+    """Render data_cards/<template or name>.md (a Jinja template with YAML metadata) with sizes, seed and
+    the `extra` template variables."""
     from huggingface_hub import DatasetCard, DatasetCardData  # noqa: PLC0415
 
     n = len(rows)
@@ -432,9 +434,9 @@ def write_card(name: str, rows: list[dict], sha: str, cfg: Config, seed: int, ou
                            task_categories=["text-generation"], pretty_name=f"r1flow tiny world: {name}",
                            tags=["r1flow", "synthetic", "tiny-world"])
     card = DatasetCard.from_template(
-        data, template_path=str(CARDS_DIR / f"{name}.md"), name=name, num_rows=n, seed=seed, sha256=sha,
+        data, template_path=str(CARDS_DIR / f"{template or name}.md"), name=name, num_rows=n, seed=seed, sha256=sha,
         columns=", ".join(rows[0].keys()) if rows else "", min_digits=cfg.min_digits, max_digits=cfg.max_digits,
-        cjk_share=cfg.cjk_share, example=json.dumps(rows[0], ensure_ascii=False) if rows else "")
+        cjk_share=cfg.cjk_share, example=json.dumps(rows[0], ensure_ascii=False) if rows else "", **extra)
     card.save(out / f"{name}.md")
 
 
@@ -480,9 +482,40 @@ def run(cfg: Config, ctx: StageContext) -> dict:
 
         ctx.reporter.progress(0.9, "building tiny judge")
         metrics["judge"] = build_tiny_judge(out, seed)
+        write_judge_cards(out, cfg, seed, metrics["judge"])
     metrics["runtime_s"] = round(time.time() - t0, 1)
     ctx.reporter.progress(1.0, "world built")
     return metrics
+
+
+JUDGE_SPLITS = {
+    "judge_train": "Training rows of the tiny world's judge: responses to addition questions with the rule "
+                   "verifier's verdict.",
+    "judge_eval": "Held-out rows of the tiny world's judge (questions it was not trained on): how its "
+                  "agreement with the rule verifier is measured.",
+}
+
+
+def write_judge_cards(out: Path, cfg: Config, seed: int, judge_metrics: dict) -> None:
+    """Cards for the tiny judge's data files (written by stages.judge.build_tiny_judge)."""
+    texts = {name: (out / "data" / f"{name}.jsonl").read_text(encoding="utf-8") for name in JUDGE_SPLITS}
+    n_heldout = len({json.loads(line)["question"] for line in texts["judge_eval"].splitlines()})
+    for name, description in JUDGE_SPLITS.items():
+        text = texts[name]
+        rows = [json.loads(line) for line in text.splitlines()]
+        kinds: dict[str, int] = {}
+        for r in rows:
+            kinds[r["kind"]] = kinds.get(r["kind"], 0) + 1
+        metrics_line = ""
+        if name == "judge_eval":
+            metrics_line = (f"- The tiny judge agrees with the rule verifier on {judge_metrics['heldout_agreement']:.1%} "
+                            f"of these rows (greedy; no verdict counts as disagreement); it accepted "
+                            f"{judge_metrics['canary_accept_share']:.0%} of its guard's canaries.")
+        write_card(name, rows, hashlib.sha256(text.encode("utf-8")).hexdigest(), cfg, seed, out / "cards",
+                   template="judge", split_description=description,
+                   n_eval_source=n_heldout,
+                   correct_share=f"{sum(r['label'] for r in rows) / max(1, len(rows)):.3f}",
+                   kinds=", ".join(f"{k} {v}" for k, v in sorted(kinds.items())), metrics_line=metrics_line)
 
 
 def write_base_model_card(path: Path, cfg: Config, seed: int, n_params: int, history: list[dict]) -> None:

@@ -108,11 +108,16 @@ def test_template_validation(template, problem):
         judge.JudgeConfig(template=template)
 
 
-def test_judge_rows_labels_follow_the_rules():
-    rows = [{"prompt": [{"role": "user", "content": f"What is {a} + {b}?"}],
+def _cold_rows(n: int) -> list[dict]:
+    """Cold-start-like rows (prompt, gold chain, answer) for n different additions."""
+    return [{"prompt": [{"role": "user", "content": f"What is {a} + {b}?"}],
              "completion": [{"role": "assistant", "content": GOLD.replace("347", str(a)).replace("85", str(b))
                              .replace("432", str(a + b))}], "answer": str(a + b)}
-            for a, b in [(347 + 7 * i, 85 + 3 * i) for i in range(40)]]
+            for a, b in [(347 + 7 * i, 85 + 3 * i) for i in range(n)]]
+
+
+def test_judge_rows_labels_follow_the_rules():
+    rows = _cold_rows(40)
     out = judge.judge_rows(rows, judge.TINY_TEMPLATE, seed=0)
     assert len(out) == 40 * 6
     for r in out:
@@ -127,6 +132,63 @@ def test_judge_rows_labels_follow_the_rules():
                       "injection": {False}}
     assert 0.3 < sum(r["label"] for r in out) / len(out) < 0.5
     assert out == judge.judge_rows(rows, judge.TINY_TEMPLATE, seed=0)  # deterministic
+
+
+@pytest.mark.parametrize("reference, response, check", [
+    ("432", GOLD, "432 432. 2=2 y, 3=3 y, 4=4 y."),
+    ("432", GOLD.replace("<answer>432", "<answer>482"), "482 432. 2=2 y, 8=3 n, 4=4 y."),
+    ("432", GOLD.replace("<answer>432", "<answer>4032"), "4032 432. 2=2 y, 3=3 y, 0=4 n, 4=_ n."),
+    ("1432", GOLD, "432 1432. 2=2 y, 3=3 y, 4=4 y, _=1 n."),
+    (432, GOLD, "432 432. 2=2 y, 3=3 y, 4=4 y."),                     # numeric reference
+    ("432", GOLD.replace("<answer>432", "<answer> 432 "), "432 432. 2=2 y, 3=3 y, 4=4 y."),
+    ("432", "<answer>432</answer>", "bad format."),                  # bare answer
+    ("432", GOLD.replace("</answer>", ""), "bad format."),
+    ("432", GOLD + "\nVerdict: correct", "bad format."),           # text after the answer block
+    ("432", "<think>so</think><answer>432</answer>", "no reasoning."),
+    ("432", "the the the", "bad format."),
+    ("432", GOLD.replace("<answer>432", "<answer>four hundred"), "four hundred 432."),
+    ("x=2", GOLD, "432 x=2."),
+])
+def test_judge_check(reference, response, check):
+    assert judge.judge_check(reference, response) == check
+
+
+def test_judge_check_says_n_exactly_when_the_rules_reject_a_well_formed_number():
+    import random
+
+    rng = random.Random(0)
+    for _ in range(300):
+        ref = str(rng.randrange(1, 20000))
+        answer = rng.choice([ref, judge._perturb_number(ref, rng), str(rng.randrange(1, 20000))])
+        response = GOLD.replace("<answer>432", f"<answer>{answer}")
+        check = judge.judge_check(ref, response)
+        assert (" n" in check) == (not rule_verdict(ref, response)), (ref, answer, check)
+
+
+def test_judge_rows_with_check_end_in_the_rule_verdict():
+    rows = _cold_rows(20)
+    out = judge.judge_rows(rows, judge.TINY_TEMPLATE, seed=0, check=True)
+    for r in out:
+        text = r["completion"][0]["content"]
+        check, verdict = text.split("\n")
+        assert check == judge.judge_check(r["reference"], r["response"])
+        assert parse_verdict(text) is r["label"] is rule_verdict(r["reference"], r["response"])
+    assert [r["label"] for r in out] == [r["label"] for r in judge.judge_rows(rows, judge.TINY_TEMPLATE, seed=0)]
+
+
+def test_drill_rows():
+    rows = _cold_rows(30)
+    out = judge.drill_rows(rows, judge.TINY_TEMPLATE, seed=3, passes=2)
+    assert len(out) == 30 * 4 * 2
+    assert out == judge.drill_rows(rows, judge.TINY_TEMPLATE, seed=3, passes=2)
+    for r in out:
+        assert r["kind"] == "drill"
+        assert r["response"].startswith("<think>So the answer is ") and r["response"].endswith("</answer>")
+        assert r["label"] == rule_verdict(r["reference"], r["response"])
+        assert parse_verdict(r["completion"][0]["content"]) is r["label"]
+        assert r["response"] in r["prompt"][0]["content"] and f"Ref: {r['reference']}" in r["prompt"][0]["content"]
+    share = sum(r["label"] for r in out) / len(out)
+    assert 0.2 < share < 0.4  # one in four is the reference itself (an unrelated number rarely equals it)
 
 
 # ------------------------------------------------------------------------ real tiny judges (slow, cached)
@@ -189,7 +251,7 @@ def _examples(world: Path, n: int = 4) -> list[dict]:
 
 def _greedy(model: Path) -> judge.JudgeConfig:
     return judge.JudgeConfig(model=str(model), generation={"backend": "transformers", "temperature": 0,
-                                                           "max_new_tokens": 64})
+                                                           "max_new_tokens": 96})
 
 
 @pytest.mark.slow
@@ -203,8 +265,6 @@ def test_guard_trips_on_a_judge_that_accepts_everything(always_accept_judge, bas
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=False, reason="issue 4 open: the tiny judge agrees with the rule verifier on ~60-70% of "
-                                        "held-out cases (goal 90%): it cannot tell a right answer from a one-digit miss")
 def test_tiny_world_judge_agrees_with_rules_on_90_percent(small_world):
     metrics = json.loads((small_world / "judge" / "judge_metrics.json").read_text())
     assert metrics["heldout_agreement"] >= 0.9, metrics
@@ -228,3 +288,31 @@ def test_saved_template_is_used(tmp_path):
     assert judge.judge_template(judge.JudgeConfig(), str(tmp_path / "none")) == judge.DEFAULT_TEMPLATE
     explicit = judge.JudgeConfig(template="{question}|{reference}|{response}")
     assert judge.judge_template(explicit, str(tmp_path)) == "{question}|{reference}|{response}"
+
+
+@pytest.mark.slow
+def test_tiny_judge_data_cards_match_their_files(small_world, tmp_path):
+    import hashlib
+    import shutil
+
+    from huggingface_hub import DatasetCard
+
+    from stages import world
+
+    out = tmp_path / "world"
+    shutil.copytree(small_world / "data", out / "data")
+    metrics = json.loads((small_world / "judge" / "judge_metrics.json").read_text())
+    world.write_judge_cards(out, world.Config(**SMALL_WORLD), 0, metrics)
+    for name in ("judge_train", "judge_eval"):
+        text = (out / "data" / f"{name}.jsonl").read_text(encoding="utf-8")
+        rows = [json.loads(line) for line in text.splitlines()]
+        card = DatasetCard.load(out / "cards" / f"{name}.md")
+        assert "{{" not in card.text and card.data.pretty_name == f"r1flow tiny world: {name}"
+        assert f"Rows: {len(rows)}" in card.text
+        assert hashlib.sha256(text.encode("utf-8")).hexdigest() in card.text
+        assert f"near-miss {sum(r['kind'] == 'near-miss' for r in rows)}" in card.text
+        assert f"Correct share: {sum(r['label'] for r in rows) / len(rows):.3f}" in card.text
+    heldout_questions = {json.loads(line)["question"] for line in (out / "data" / "judge_eval.jsonl").open()}
+    eval_card = DatasetCard.load(out / "cards" / "judge_eval.md").text
+    assert f"the last\n{len(heldout_questions)} questions" in eval_card
+    assert f"{metrics['heldout_agreement']:.1%} of these rows" in eval_card

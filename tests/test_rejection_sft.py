@@ -157,7 +157,7 @@ SMALL = dict(prompts={"path": "world:rl_prompts", "limit": 24}, keep_per_prompt=
 def test_run_end_to_end_with_vllm(tmp_path, small_world, policy_version):
     rec = Recorder()
     cfg = Config(**SMALL, generation={"backend": "vllm", "n": 4, "temperature": 0.8, "max_new_tokens": 96},
-                 judge={"generation": {"backend": "transformers", "temperature": 0, "max_new_tokens": 64},
+                 judge={"generation": {"backend": "transformers", "temperature": 0, "max_new_tokens": 96},
                         "cross_check": 24})
     ctx = _ctx(tmp_path, small_world, policy_version, rec)
     metrics = rejection_sft.run(cfg, ctx)
@@ -216,7 +216,7 @@ def test_run_end_to_end_with_vllm(tmp_path, small_world, policy_version):
 @pytest.mark.slow
 def test_run_stops_on_a_judge_that_accepts_everything(tmp_path, small_world, policy_version, always_accept_judge):
     judge_cfg = {"model": str(always_accept_judge), "cross_check": 8,
-                 "generation": {"backend": "transformers", "temperature": 0, "max_new_tokens": 64}}
+                 "generation": {"backend": "transformers", "temperature": 0, "max_new_tokens": 96}}
     cfg = Config(**SMALL, generation={"backend": "transformers", "n": 2, "max_new_tokens": 96}, judge=judge_cfg)
     with pytest.raises(UserError) as err:
         rejection_sft.run(cfg, _ctx(tmp_path, small_world, policy_version))
