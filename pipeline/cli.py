@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 import threading
 import time
@@ -301,10 +302,19 @@ def _release_prefect_api() -> None:
 FLOW_COMMANDS = {"world", "stage", "run"}
 
 
+def _terminated(signum, frame) -> None:
+    raise SystemExit(128 + signum)
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "r1flow")
     args = build_parser().parse_args(argv)
+    previous = None
     if args.command in FLOW_COMMANDS:
+        # `kill` (SIGTERM) unwinds like Ctrl-C: the running stage is not registered, and Prefect's exit
+        # handlers stop the temporary server (with Python's default handler it was left running).
+        if threading.current_thread() is threading.main_thread():
+            previous = signal.signal(signal.SIGTERM, _terminated)
         _start_prefect_api()
     try:
         return args.func(args)
@@ -317,6 +327,8 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     finally:
         _release_prefect_api()
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

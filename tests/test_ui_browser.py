@@ -405,6 +405,36 @@ def test_a_user_error_in_a_flow_command_exits_fast_and_leaves_no_server(tmp_path
     assert _processes_with(marker) == []  # the temporary server it had started is gone
 
 
+def test_a_terminated_flow_command_leaves_no_server(tmp_path):
+    """`kill` (SIGTERM) on a flow command mid-run stops the temporary Prefect server it had started
+    (found orphaned after stopping `r1flow run`: Python's default SIGTERM skips the exit handlers)."""
+    marker = f"R1FLOW_TEST_MARKER={os.getpid()}-{tmp_path.name}"
+    key, value = marker.split("=")
+    code = ("import argparse, sys, time\nfrom pipeline import cli\n"
+            "def slow(args):\n    cli._prefect_api_ready(); print('ready', flush=True); time.sleep(120); return 0\n"
+            "class Parser:\n    def parse_args(self, argv): return argparse.Namespace(command='stage', func=slow)\n"
+            "cli.build_parser = Parser\nsys.exit(cli.main([]))")
+    clean = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    proc = subprocess.Popen([sys.executable, "-c", code], cwd=Path(__file__).parents[1], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True,
+                            env={**clean, "R1FLOW_STATE_DIR": str(tmp_path), "PREFECT_HOME": str(tmp_path / "home"),
+                                 key: value})
+    try:
+        assert proc.stdout.readline().strip() == "ready"
+        assert len(_processes_with(marker)) >= 2  # the command and its server
+        proc.terminate()
+        assert proc.wait(timeout=30) == 128 + signal.SIGTERM
+        deadline = time.monotonic() + 15
+        while _processes_with(marker) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert _processes_with(marker) == []
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        for pid in _processes_with(marker):
+            os.kill(pid, signal.SIGKILL)
+
+
 def test_server_dies_with_a_killed_parent(tmp_path):
     """A SIGKILLed `r1flow ui` (no chance to clean up) does not leave a server behind."""
     port = ui.free_port()
