@@ -358,7 +358,7 @@ def judge_check(reference: Any, response: str, min_reasoning_tokens: int = 3) ->
     the first format problem, or the response's answer and the reference compared digit by digit, units
     first (`y` same, `n` different, `_` a missing digit), e.g. `1781 1751. 1=1 y, 8=5 n, 7=7 y, 1=1 y.`
     A 1M-parameter model cannot learn to compare two numbers from a one-word verdict in a CPU budget; it
-    learns to copy and compare digits column by column, as it learned for addition, in a few hundred steps."""
+    learns to copy and compare digits column by column (as it learned for addition) in about 1100 steps."""
     response = completion_text(response)
     if format_problem(response) is not None:
         return "bad format."
