@@ -1,33 +1,54 @@
-"""Rule-based rewards for GRPO (stage 2, and the reasoning half of stage 4), plus the text helpers the
-rejection-sampling filters share (`stages/filters.py`).
+"""Rewards for GRPO (stage 2, and the reasoning half of stage 4), plus the text helpers the
+rejection-sampling filters share (`stages/filters.py`). docs/REWARDS.md lists every reward with its
+range, sign, the columns it reads, its options and where it comes from.
 
-Every reward has TRL's signature `f(completions, **dataset_columns) -> list[float | None]`:
-`completions` is a list of strings, or of conversations (lists of `{"role", "content"}` messages, as
-TRL passes for chat datasets); dataset columns (`answer`, `language`, ...) arrive as lists, one value
-per completion, and TRL's extra keywords (`prompts`, `trainer_state`, ...) are ignored. None means
-"can't judge": TRL skips it (NaN) instead of treating it as 0.
+Every reward has TRL's signature `f(completions, **kwargs) -> list[float | None]`: `completions` is
+a list of strings, or of conversations (lists of `{"role", "content"}` messages, as TRL passes for
+chat datasets); dataset columns (`answer`, `language`, ...) arrive as lists, one value per
+completion, as do TRL's `prompts` and `completion_ids`; other keywords (`trainer_state`, ...) are
+ignored. None means "can't judge": TRL skips it (NaN) instead of treating it as 0.
+
+Built-in rewards (`REWARD_FUNCS`, by config name): rule rewards of r1flow (accuracy, format,
+tag_count, language, length, repetition), ports of open-r1 (reasoning_steps, cosine, kimi_length),
+DAPO's soft overlong punishment computed by TRL's `get_soft_overlong_punishment`, and the task's own
+verifier (`task`, from `stages.tasks`, imported on first use). Users add their own by import path
+(`custom:` in `RewardsConfig`; the source file's sha256 is part of the config, hence of the version id).
+
+Weights are >= 0: the sign lives in the reward (penalties return values <= 0), so a negative
+weight, which would turn a penalty into a bonus, is refused at validation.
 
 The expected completion format is `<think>reasoning</think><answer>final</answer>`.
 Accuracy uses math-verify: `parse` both, then `verify(gold, answer)` in that order (the order
 matters: gold `-1`, answer `x = -1` is correct; the reverse check treats the equation differently).
+Word answers ("Yes", "blue") match case-insensitively; gold that is neither math nor words can't be
+judged (None).
 
     from stages.rewards import RewardsConfig, build_reward_funcs
     funcs, weights = build_reward_funcs(RewardsConfig(weights={"accuracy": 1.0, "format": 0.5}))
     GRPOTrainer(..., reward_funcs=funcs, args=GRPOConfig(..., reward_weights=weights))
 
-TRL logs each reward as `rewards/<function name>/mean`, e.g. `rewards/accuracy_reward/mean`.
+TRL logs each reward as `rewards/<function name>/mean`, e.g. `rewards/accuracy_reward/mean`; a
+custom reward under its config name, e.g. `rewards/brevity/mean`.
 """
 
 from __future__ import annotations
 
 import functools
+import hashlib
+import importlib
+import importlib.util
+import inspect
+import json
 import math
+import os
 import re
+import sys
 import threading
 import unicodedata
+from pathlib import Path
 from typing import Annotated, Any, Callable
 
-from pydantic import AfterValidator, Field, field_validator
+from pydantic import AfterValidator, Field, PrivateAttr, ValidationInfo, field_validator, model_validator
 
 from stages.common import StageConfig, UserError
 
@@ -237,7 +258,7 @@ def language_share(text: str, language: str | None) -> float | None:
 
 
 # --------------------------------------------------------------------------------------------------
-# Answer verification (math-verify)
+# Answer verification (math-verify for math, normalised words for word answers)
 
 def _math_verify_timeout() -> int | None:
     """math-verify guards parse/verify with signal.alarm, which only works in the main thread;
@@ -253,10 +274,17 @@ def _looks_like_bare_math(text: str) -> bool:
     return re.search(r"[A-Za-z]{2,}", re.sub(r"\\[A-Za-z]+", " ", text)) is None
 
 
+def _math_only(parsed: list) -> tuple:
+    """math-verify's parse, or () when it found no mathematical object: its string fallback alone
+    (`x @@ ###` -> ['x @@ ###']) is not a parse, or any garbage would equal itself."""
+    return tuple(parsed) if any(not isinstance(p, str) for p in parsed) else ()
+
+
 @functools.lru_cache(maxsize=4096)
 def parse_math(text: str) -> tuple:
-    """math-verify's parse of `text` (empty tuple when nothing parses). Bare LaTeX is wrapped in
-    `$...$` first. Cached: a gold answer is parsed once per group of completions."""
+    """math-verify's parse of `text`: a tuple holding at least one mathematical object, or the empty
+    tuple when nothing parses as math (math-verify's bare-string fallback does not count). Bare LaTeX
+    is wrapped in `$...$` first. Cached: a gold answer is parsed once per group of completions."""
     from math_verify import parse  # noqa: PLC0415  (pulls in sympy; keep module import light)
 
     text = text.strip()
@@ -264,33 +292,78 @@ def parse_math(text: str) -> tuple:
         return ()
     timeout = _math_verify_timeout()
     if _looks_like_bare_math(text):
-        parsed = parse(f"${text}$", parsing_timeout=timeout)
+        parsed = _math_only(parse(f"${text}$", parsing_timeout=timeout))
         if parsed:
-            return tuple(parsed)
-    return tuple(parse(text, parsing_timeout=timeout))
+            return parsed
+    return _math_only(parse(text, parsing_timeout=timeout))
+
+
+_WRAPPER_RE = re.compile(r"\\(?:boxed|text|textbf|textit|textrm|mathrm|mathbf|mbox)\s*\{([^{}]*)\}")
+_DELIMITERS = (("$$", "$$"), ("$", "$"), ("\\(", "\\)"), ("\\[", "\\]"))
+
+
+def word_answer(text: str | None) -> str | None:
+    """The comparable form of a word answer ("Yes", "blue", "New York"): LaTeX text wrappers
+    (`\\text{...}`, `\\boxed{...}`, ...) replaced by their content, math delimiters enclosing the
+    whole text (`$...$`) removed, surrounding whitespace, punctuation and symbols stripped,
+    lower-cased (casefold), inner whitespace collapsed. None when the text has no word (see
+    `script_words`: single letters and LaTeX commands are not words)."""
+    if text is None:
+        return None
+    text = unicodedata.normalize("NFKC", text).strip()
+    while True:
+        inner = _WRAPPER_RE.sub(lambda m: m.group(1), text)
+        for left, right in _DELIMITERS:
+            if len(inner) > len(left) + len(right) and inner.startswith(left) and inner.endswith(right):
+                body = inner[len(left):-len(right)]
+                if left not in body and right not in body:  # `$a$ or $b$` is not one formula
+                    inner = body
+                break
+        inner = inner.strip()
+        if inner == text:
+            break
+        text = inner
+    if not script_words(text):  # before stripping: `\frac{1}{` must not become the word `frac`
+        return None
+    start, end = 0, len(text)
+    while start < end and (text[start].isspace() or unicodedata.category(text[start])[0] in "PS"):
+        start += 1
+    while end > start and (text[end - 1].isspace() or unicodedata.category(text[end - 1])[0] in "PS"):
+        end -= 1
+    return " ".join(text[start:end].casefold().split())
 
 
 def verify_answer(gold: Any, answer: str | None) -> bool | None:
-    """Is `answer` equal to `gold`? Exact equality of the stripped strings counts (for words);
-    otherwise math-verify decides, `verify(gold, answer)` in that order. None when `gold` is missing
-    or unparseable (can't judge -- never a positive reward); False when `answer` is None or
-    unparseable."""
+    """Is `answer` equal to `gold`?
+
+    - Gold that parses as math (see `parse_math`): math-verify decides, `verify(gold, answer)` in
+      that order (identical stripped strings count as equal); an answer that does not parse is False.
+    - Gold that is words ("Yes", "blue"): equal when `word_answer` of both match (case, surrounding
+      punctuation and whitespace ignored), else False -- a wrong word answer is wrong, not unjudged.
+    - Gold that is missing, empty, or neither math nor words (`x @@ ###`, `\\frac{1}{`, `?`): None,
+      can't judge -- never a positive reward, even for an answer echoing it.
+    A missing answer (None) is False whenever the gold can be judged."""
     from math_verify import verify  # noqa: PLC0415
 
     if gold is None or (isinstance(gold, float) and math.isnan(gold)):
         return None
     gold = str(gold).strip()
-    if answer is not None and gold and answer.strip() == gold:
-        return True
-    gold_parsed = parse_math(gold)
-    if not gold_parsed:
+    if not gold:
         return None
-    if answer is None:
-        return False
-    answer_parsed = parse_math(answer)
-    if not answer_parsed:
-        return False
-    return bool(verify(list(gold_parsed), list(answer_parsed), timeout_seconds=_math_verify_timeout()))
+    gold_parsed = parse_math(gold)
+    if gold_parsed:
+        if answer is None:
+            return False
+        if answer.strip() == gold:
+            return True
+        answer_parsed = parse_math(answer)
+        if not answer_parsed:
+            return False
+        return bool(verify(list(gold_parsed), list(answer_parsed), timeout_seconds=_math_verify_timeout()))
+    gold_words = word_answer(gold)
+    if gold_words is None:
+        return None
+    return answer is not None and word_answer(answer) == gold_words
 
 
 # --------------------------------------------------------------------------------------------------
@@ -309,17 +382,29 @@ def _column(value: Any, n: int, name: str) -> list:
     return [value] * n
 
 
-def accuracy_reward(completions: list, answer: list | None = None, wrong: float = 0.0, **kw) -> list[float | None]:
-    """1.0 when the extracted answer equals the gold `answer` column (math-verify), `wrong`
-    otherwise, None where the gold answer is missing or unparseable."""
+def _token_counts(n: int, completion_ids: list | None, num_tokens: Any) -> list[int | None]:
+    """Completion lengths in tokens: from TRL's `completion_ids` (one list of ids per completion),
+    else from a `num_tokens` column (r1flow's generation records carry one), else unknown (None)."""
+    if completion_ids is not None:
+        return [None if ids is None else len(ids) for ids in _column(completion_ids, n, "completion_ids")]
+    if num_tokens is not None:
+        return [None if v is None else int(v) for v in _column(num_tokens, n, "num_tokens")]
+    return [None] * n
+
+
+def _correctness(completions: list, answer: Any, reward: str) -> list[bool | None]:
     if answer is None:
-        raise UserError("accuracy reward: the dataset needs an 'answer' column (gold answers)")
+        raise UserError(f"{reward} reward: the dataset needs an 'answer' column (gold answers)")
     golds = _column(answer, len(completions), "answer")
-    rewards: list[float | None] = []
-    for text, gold in zip(_texts(completions), golds):
-        ok = verify_answer(gold, extract_answer(text))
-        rewards.append(None if ok is None else (1.0 if ok else float(wrong)))
-    return rewards
+    return [verify_answer(gold, extract_answer(text)) for text, gold in zip(_texts(completions), golds)]
+
+
+def accuracy_reward(completions: list, answer: list | None = None, wrong: float = 0.0, **kw) -> list[float | None]:
+    """1.0 when the extracted answer equals the gold `answer` column (`verify_answer`: math-verify,
+    or word matching for word answers), `wrong` otherwise, None where the gold answer is missing or
+    neither math nor words."""
+    return [None if ok is None else (1.0 if ok else float(wrong))
+            for ok in _correctness(completions, answer, "accuracy")]
 
 
 def format_reward(completions: list, **kw) -> list[float]:
@@ -343,8 +428,8 @@ def language_consistency_reward(completions: list, language: list | str | None =
 
 
 def length_penalty(completions: list, max_chars: int = 4000, buffer: int = 1000, **kw) -> list[float]:
-    """Soft overlong penalty: 0 up to `max_chars` characters, falling linearly to -1 at
-    `max_chars + buffer`, -1 beyond."""
+    """Soft overlong penalty on characters: 0 up to `max_chars` characters, falling linearly to -1
+    at `max_chars + buffer`, -1 beyond."""
     out = []
     for text in _texts(completions):
         over = len(text) - max_chars
@@ -357,6 +442,120 @@ def repetition_penalty(completions: list, ngram: int = 3, **kw) -> list[float]:
     return [-repeated_ngram_share(text, ngram) for text in _texts(completions)]
 
 
+# open-r1's pattern. open-r1 compiles it without re.MULTILINE, so its `^\d+\.` only matches at the
+# very start of the text although its docstring promises "at start of line"; here it does what the
+# docstring says (a numbered list counts one step per item).
+_STEP_RE = re.compile(r"(Step \d+:|^\d+\.|\n-|\n\*|First,|Second,|Next,|Finally,)", re.MULTILINE)
+
+
+def reasoning_steps_reward(completions: list, steps_target: int = 3, **kw) -> list[float]:
+    """open-r1's step-by-step reward: the number of step markers (`Step 1:`, a numbered line `1.`,
+    bullets `- `/`* ` on new lines, `First,` `Second,` `Next,` `Finally,`) over `steps_target`,
+    capped at 1.0: 0 for none, 1/3 for one step with the default target of 3."""
+    return [min(1.0, len(_STEP_RE.findall(text)) / steps_target) for text in _texts(completions)]
+
+
+def cosine_scaled_reward(completions: list, answer: list | None = None, completion_ids: list | None = None,
+                         num_tokens: list | None = None, cosine_max_tokens: int | None = None,
+                         min_value_wrong: float = -1.0, max_value_wrong: float = -0.5,
+                         min_value_correct: float = 0.5, max_value_correct: float = 1.0, **kw) -> list[float | None]:
+    """Correctness scaled by length on a cosine schedule ("Demystifying Long Chain-of-Thought
+    Reasoning", appendix C.1; the formula, defaults and clamping of TRL's `get_cosine_scaled_reward`
+    and open-r1's `cosine` reward). With p = min(tokens / cosine_max_tokens, 1):
+    correct: min_value_correct + (max_value_correct - min_value_correct) * (1 + cos(pi p)) / 2,
+    from max_value_correct (shortest) down to min_value_correct (longest), so correct-and-short beats
+    correct-and-long; wrong: the wrong bounds swapped, from min_value_wrong (shortest) up to
+    max_value_wrong (longest), so wrong-and-long beats wrong-and-short (keeps exploring).
+    Correctness is r1flow's (`verify_answer` on `extract_answer`); length is in tokens
+    (`completion_ids`, which TRL passes, or a `num_tokens` column). None where the gold answer
+    can't be judged or the length is unknown."""
+    if cosine_max_tokens is None:
+        raise UserError("cosine reward: needs cosine_max_tokens (the completion length, in tokens, where the "
+                        "schedule ends; usually the trainer's max_completion_length)")
+    correct = _correctness(completions, answer, "cosine")
+    rewards: list[float | None] = []
+    for ok, length in zip(correct, _token_counts(len(completions), completion_ids, num_tokens)):
+        if ok is None or length is None:
+            rewards.append(None)
+            continue
+        progress = min(length / cosine_max_tokens, 1.0)
+        low, high = (min_value_correct, max_value_correct) if ok else (max_value_wrong, min_value_wrong)
+        rewards.append(float(low + 0.5 * (high - low) * (1.0 + math.cos(progress * math.pi))))
+    return rewards
+
+
+def _group_key(prompt: Any) -> str:
+    return prompt if isinstance(prompt, str) else json.dumps(prompt, sort_keys=True, default=str)
+
+
+def kimi_length_reward(completions: list, answer: list | None = None, prompts: list | None = None,
+                       completion_ids: list | None = None, num_tokens: list | None = None, **kw) -> list[float | None]:
+    """Kimi 1.5's group-relative length reward (arXiv 2501.12599; open-r1's `len_reward`): within
+    the completions of one prompt, lambda = 0.5 - (len - min_len) / (max_len - min_len); a correct
+    completion gets lambda (0.5 for the shortest, -0.5 for the longest), a wrong one min(0, lambda).
+    All 0.0 when the group's lengths are equal (also for a single completion). Groups are the
+    completions sharing a prompt (`prompts`, which TRL passes; without it, all completions form one
+    group, as in open-r1). Length is in tokens when `completion_ids` (or `num_tokens`) are given,
+    else in characters (as open-r1). None where the gold answer can't be judged (open-r1 counts those
+    as correct)."""
+    n = len(completions)
+    correct = _correctness(completions, answer, "kimi_length")
+    tokens_ = _token_counts(n, completion_ids, num_tokens)
+    lengths = [t if t is not None else len(text) for t, text in zip(tokens_, _texts(completions))]
+    keys = [""] * n if prompts is None else [_group_key(p) for p in _column(prompts, n, "prompts")]
+    groups: dict[str, list[int]] = {}
+    for i, key in enumerate(keys):
+        groups.setdefault(key, []).append(i)
+    rewards: list[float | None] = [None] * n
+    for rows in groups.values():
+        low, high = min(lengths[i] for i in rows), max(lengths[i] for i in rows)
+        for i in rows:
+            if correct[i] is None:
+                continue
+            if high == low:
+                rewards[i] = 0.0
+                continue
+            lam = 0.5 - (lengths[i] - low) / (high - low)
+            rewards[i] = float(lam if correct[i] else min(0.0, lam))
+    return rewards
+
+
+def soft_overlong_punishment_reward(completions: list, completion_ids: list | None = None,
+                                    num_tokens: list | None = None, overlong_max_tokens: int | None = None,
+                                    overlong_cache_tokens: int | None = None, **kw) -> list[float | None]:
+    """DAPO's soft overlong punishment on tokens (arXiv 2503.14476, eq. 13), computed by TRL's
+    `trl.rewards.get_soft_overlong_punishment(overlong_max_tokens, overlong_cache_tokens)`: 0 up to
+    `overlong_max_tokens - overlong_cache_tokens` tokens, then falling linearly to -1 at
+    `overlong_max_tokens`, -1 beyond. Lengths from `completion_ids` (TRL passes them) or a
+    `num_tokens` column; None where the length is unknown."""
+    if overlong_max_tokens is None:
+        raise UserError("soft_overlong reward: needs overlong_max_tokens (usually the trainer's "
+                        "max_completion_length)")
+    from trl.rewards import get_soft_overlong_punishment  # noqa: PLC0415
+
+    cache = overlong_max_tokens // 5 if overlong_cache_tokens is None else overlong_cache_tokens
+    punish = get_soft_overlong_punishment(max_completion_len=overlong_max_tokens, soft_punish_cache=cache)
+    counts = _token_counts(len(completions), completion_ids, num_tokens)
+    known = [i for i, c in enumerate(counts) if c is not None]
+    ids = ([completion_ids[i] for i in known] if completion_ids is not None
+           else [[0] * counts[i] for i in known])  # TRL reads only len(ids)
+    rewards: list[float | None] = [None] * len(completions)
+    for i, value in zip(known, punish(completion_ids=ids)):
+        rewards[i] = float(value)
+    return rewards
+
+
+def task_reward(completions: list, **kw) -> list[float | None]:
+    """The task's own verifier (reasoning-gym's `score_answer`), from `stages.tasks.task_reward`,
+    imported on first call so that `stages.rewards` imports without it. Reads the `task` and
+    `task_entry` columns; see `stages/tasks.py`."""
+    try:
+        from stages.tasks import task_reward as verifier  # noqa: PLC0415
+    except ImportError as exc:
+        raise UserError(f"task reward: stages.tasks cannot be imported ({exc})") from exc
+    return verifier(completions, **kw)
+
+
 # config name -> reward function
 REWARD_FUNCS: dict[str, Callable[..., list]] = {
     "accuracy": accuracy_reward,
@@ -365,16 +564,262 @@ REWARD_FUNCS: dict[str, Callable[..., list]] = {
     "language": language_consistency_reward,
     "length": length_penalty,
     "repetition": repetition_penalty,
+    "reasoning_steps": reasoning_steps_reward,
+    "cosine": cosine_scaled_reward,
+    "kimi_length": kimi_length_reward,
+    "soft_overlong": soft_overlong_punishment_reward,
+    "task": task_reward,
 }
+
+# Rewards whose values are <= 0 (penalties): their weight must be positive, or they become bonuses.
+PENALTIES = frozenset({"length", "repetition", "soft_overlong"})
+
+# Dataset columns each reward reads (besides `completions` and what TRL adds: prompts, completion_ids).
+REWARD_COLUMNS: dict[str, tuple[str, ...]] = {
+    "accuracy": ("answer",),
+    "language": ("language",),
+    "cosine": ("answer", "num_tokens"),
+    "kimi_length": ("answer", "num_tokens"),
+    "soft_overlong": ("num_tokens",),
+    "task": ("task", "task_entry"),
+}
+
+# Keywords TRL passes to every reward function itself: never dataset columns, never user `args`.
+TRL_KEYWORDS = frozenset({"completions", "prompts", "completion_ids", "trainer_state", "log_extra", "log_metric",
+                          "environments"})
+
+
+# --------------------------------------------------------------------------------------------------
+# User rewards: a function named by import path in flows.yaml
+
+_FILE_MODULES: dict[tuple[str, str], Any] = {}
+_FILE_LOCK = threading.Lock()
+
+
+def _sha256_file(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _split_ref(ref: str) -> tuple[str, str, bool]:
+    """`target:attr` -> (target, attr, is_file). A target ending in `.py` or holding a `/` is a
+    file, anything else a dotted module path."""
+    target, sep, attr = ref.strip().rpartition(":")
+    if not sep or not target or not attr:
+        raise ValueError(f"function {ref!r}: expected `package.module:function` or `path/to/file.py:function`")
+    if not all(part.isidentifier() for part in attr.split(".")):
+        raise ValueError(f"function {ref!r}: {attr!r} is not a Python name")
+    is_file = target.endswith(".py") or "/" in target or os.sep in target
+    if not is_file and not all(part.isidentifier() for part in target.split(".")):
+        raise ValueError(f"function {ref!r}: {target!r} is neither a module path nor a .py file")
+    return target, attr, is_file
+
+
+def _resolve_file(target: str, base_dir: str | Path | None) -> Path:
+    path = Path(target).expanduser()
+    if not path.is_absolute():
+        path = Path(base_dir or os.getcwd()) / path
+    return path.resolve()
+
+
+def _load_file_module(path: Path, sha: str):
+    """Execute the reward file `path` (whose content has sha256 `sha`) as a module of its own, once
+    per content. Its folder is on sys.path while it runs, so it may import files next to it."""
+    key = (str(path), sha)
+    with _FILE_LOCK:
+        if key not in _FILE_MODULES:
+            name = f"_r1flow_user_reward_{re.sub(r'[^0-9A-Za-z_]', '_', path.stem)}_{sha[:12]}"
+            spec = importlib.util.spec_from_file_location(name, path)
+            module = importlib.util.module_from_spec(spec)
+            sys.modules[name] = module
+            sys.path.insert(0, str(path.parent))
+            try:
+                spec.loader.exec_module(module)
+            except BaseException:
+                sys.modules.pop(name, None)
+                raise
+            finally:
+                sys.path.remove(str(path.parent))
+            _FILE_MODULES[key] = module
+        return _FILE_MODULES[key]
+
+
+def _source_file(func: Any, fallback: Path | None) -> Path | None:
+    """The file that defines `func` (a function, or a callable object's class), else `fallback`."""
+    for obj in (inspect.unwrap(func) if callable(func) else func, type(func)):
+        try:
+            source = inspect.getsourcefile(obj)
+        except TypeError:
+            continue
+        if source and Path(source).is_file():
+            return Path(source).resolve()
+    return fallback
+
+
+def load_user_function(ref: str, base_dir: str | Path | None = None) -> tuple[Callable, Path, str]:
+    """Import the reward `ref` (`package.module:function`, or `file.py:function` relative to
+    `base_dir`, default the working directory, or absolute): (function, its source file, sha256 of
+    that file). Raises ValueError with one line saying what is wrong."""
+    target, attr, is_file = _split_ref(ref)
+    try:
+        if is_file:
+            path = _resolve_file(target, base_dir)
+            if not path.is_file():
+                raise ValueError(f"function {ref!r}: file {path} not found (relative paths are resolved against "
+                                 f"{'the config folder' if base_dir else 'the working directory'})")
+            module, named = _load_file_module(path, _sha256_file(path)), path
+        else:
+            module = importlib.import_module(target)
+            named = Path(module.__file__).resolve() if getattr(module, "__file__", None) else None
+    except ValueError:
+        raise
+    except Exception as exc:  # noqa: BLE001  (any import-time error of user code is a config problem)
+        raise ValueError(f"function {ref!r}: cannot import {target!r} ({type(exc).__name__}: "
+                         f"{str(exc).splitlines()[0] if str(exc) else ''})") from None
+    func: Any = module
+    for part in attr.split("."):
+        if not hasattr(func, part):
+            raise ValueError(f"function {ref!r}: {target!r} has no attribute {attr!r}")
+        func = getattr(func, part)
+    source = _source_file(func, named)
+    if source is None:
+        raise ValueError(f"function {ref!r}: has no source file (its content must be part of the version id)")
+    return func, source, _sha256_file(source)
+
+
+def _signature_problems(func: Any, args: dict[str, Any]) -> tuple[list[str], tuple[str, ...]]:
+    """Problems with calling `func` as TRL does (`func(completions=..., **kwargs)`) plus `args`, and
+    the names of its other parameters (candidate dataset columns)."""
+    if not callable(func):
+        return [f"is not callable ({type(func).__name__})"], ()
+    if inspect.iscoroutinefunction(func) or inspect.iscoroutinefunction(getattr(func, "__call__", None)):
+        return ["is an async function (write a plain function)"], ()
+    try:
+        sig = inspect.signature(func)
+    except (TypeError, ValueError):
+        return ["has no inspectable signature"], ()
+    params = sig.parameters
+    named = {name: p for name, p in params.items()
+             if p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)}
+    problems = []
+    if "completions" not in named:
+        problems.append("must take a `completions` parameter (TRL calls f(completions=..., prompts=..., "
+                        "completion_ids=..., **dataset_columns))")
+    if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        problems.append("must take **kwargs (TRL passes prompts, completion_ids, trainer_state and every "
+                        "dataset column)")
+    for key in args:
+        if key in TRL_KEYWORDS:
+            problems.append(f"argument {key!r} is passed by TRL, it cannot be set in args")
+        elif key not in named:
+            known = ", ".join(n for n in named if n not in TRL_KEYWORDS) or "none"
+            problems.append(f"argument {key!r} is not a parameter of the function (its parameters: {known})")
+    if not problems:
+        try:
+            sig.bind(completions=[], **args, **{n: None for n, p in named.items() if n != "completions"
+                                                 and n not in args and p.default is inspect.Parameter.empty})
+        except TypeError as exc:
+            problems.append(f"cannot be called with args: {exc}")
+    columns = tuple(n for n in named if n not in TRL_KEYWORDS and n not in args)
+    return problems, columns
+
+
+class UserReward:
+    """A user's reward function with its `args` bound, named after its config key (TRL logs
+    `rewards/<name>/mean`). It holds the reference, not the function, so it pickles; the function is
+    loaded on first call and must still have the source (sha256) that the config was validated with."""
+
+    def __init__(self, name: str, ref: str, base_dir: str | None, args: dict[str, Any], source_sha256: str):
+        self.__name__ = name
+        self.ref, self.base_dir, self.args, self.source_sha256 = ref, base_dir, dict(args), source_sha256
+        self._func: Callable | None = None
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_func": None}
+
+    def __repr__(self) -> str:
+        return f"UserReward({self.__name__!r}, {self.ref!r}, args={self.args!r})"
+
+    def _load(self) -> Callable:
+        if self._func is None:
+            try:
+                func, source, sha = load_user_function(self.ref, self.base_dir)
+            except ValueError as exc:
+                raise UserError(f"reward {self.__name__!r}: {exc}") from None
+            if sha != self.source_sha256:
+                raise UserError(f"reward {self.__name__!r}: {source} changed since the config was validated "
+                                f"(the stage's version id names the old content), validate the config again")
+            self._func = func
+        return self._func
+
+    def __call__(self, completions: list, **kw) -> list[float | None]:
+        out = self._load()(completions=completions, **{**kw, **self.args})
+        try:
+            out = list(out)
+        except TypeError:
+            raise UserError(f"reward {self.__name__!r}: returned {type(out).__name__}, expected a list of "
+                            f"floats or None") from None
+        if len(out) != len(completions):
+            raise UserError(f"reward {self.__name__!r}: returned {len(out)} values for {len(completions)} completions")
+        try:
+            return [None if v is None else float(v) for v in out]
+        except (TypeError, ValueError):
+            raise UserError(f"reward {self.__name__!r}: returned a value that is neither a number nor None") from None
+
+
+class CustomReward(StageConfig):
+    """A reward of the user's own (`rewards.custom.<name>` in flows.yaml)."""
+
+    function: str = Field(description="`package.module:function` (importable), or `path/to/file.py:function` "
+                                      "(relative to the working directory, or absolute); TRL's signature: "
+                                      "f(completions, **kwargs) -> list[float | None]")
+    weight: float = Field(1.0, description="weight in the total reward (>= 0: the function's values carry the sign)")
+    args: dict[str, Any] = Field(default_factory=dict, description="keyword arguments bound to the function "
+                                                                   "(each must be one of its parameters)")
+    source_sha256: str | None = Field(None, description="filled in by r1flow at validation: sha256 of the file "
+                                                        "defining the function, so that editing it changes the "
+                                                        "stage's version id (a value given here is replaced)")
+    _base_dir: str | None = PrivateAttr(None)
+    _columns: tuple[str, ...] = PrivateAttr(())
+    _bound: tuple[str, UserReward] | None = PrivateAttr(None)  # (key, reward): loaded once, not per call
+
+    def bound(self, name: str) -> UserReward:
+        """The reward as TRL calls it (`UserReward`), reused while the settings stay the same."""
+        key = json.dumps([name, self.function, self._base_dir, self.args, self.source_sha256], sort_keys=True,
+                         default=repr)
+        if self._bound is None or self._bound[0] != key:
+            self._bound = (key, UserReward(name, self.function, self._base_dir, self.args, self.source_sha256))
+        return self._bound[1]
+
+
+_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+def _weight_problem(name: str, weight: float) -> str | None:
+    if not math.isfinite(weight):
+        return f"weight of {name!r} must be a finite number"
+    if weight >= 0:
+        return None
+    if name in PENALTIES:
+        return (f"weight of {name!r} is {weight:g}: {name!r} is a penalty whose values are already <= 0, so a "
+                f"negative weight would turn it into a bonus (write it positive: open-r1's max_penalty -1 is "
+                f"weight 1.0 here)")
+    return (f"weight of {name!r} is {weight:g}: weights must be >= 0 (each reward carries its own sign, a "
+            f"negative weight would reward the opposite of what {name!r} measures)")
 
 
 class RewardsConfig(StageConfig):
-    """Which rule rewards to use and how to weigh them (`rewards:` in flows.yaml)."""
+    """Which rewards to use and how to weigh them (`rewards:` in flows.yaml); see docs/REWARDS.md."""
 
     weights: dict[str, float] = Field(
         default_factory=lambda: {"accuracy": 1.0, "format": 0.5},
-        description="reward name -> weight in the total reward; names: accuracy, format, tag_count, "
-                    "language, length, repetition (at least one)",
+        description="built-in reward name -> weight (>= 0) in the total reward; names: accuracy, format, "
+                    "tag_count, language, length, repetition, reasoning_steps, cosine, kimi_length, "
+                    "soft_overlong, task (at least one reward here or in `custom`)",
+    )
+    custom: dict[str, CustomReward] = Field(
+        default_factory=dict,
+        description="rewards of the user's own: name -> {function: 'module:function' or 'file.py:function', "
+                    "weight, args}; TRL logs them as rewards/<name>/mean",
     )
     accuracy_wrong: float = Field(0.0, description="accuracy reward for a wrong or missing answer "
                                                    "(R1 used -1; correct is always 1)")
@@ -385,45 +830,138 @@ class RewardsConfig(StageConfig):
     length_buffer: int = Field(1000, gt=0, description="length penalty: characters beyond `max_chars` "
                                                        "over which the penalty grows linearly to -1")
     repetition_ngram: int = Field(3, ge=1, description="repetition penalty: n of the word n-grams counted")
+    reasoning_steps_target: int = Field(3, ge=1, description="reasoning_steps reward: number of step markers "
+                                                             "that earns the full 1.0 (open-r1: 3)")
+    cosine_max_tokens: int | None = Field(None, gt=0, description="cosine reward: completion length in tokens "
+                                                                  "where the schedule ends (required for "
+                                                                  "`cosine`; usually max_completion_length)")
+    cosine_min_value_wrong: float = Field(-1.0, description="cosine reward: wrong answer, shortest completion")
+    cosine_max_value_wrong: float = Field(-0.5, description="cosine reward: wrong answer, longest completion")
+    cosine_min_value_correct: float = Field(0.5, description="cosine reward: correct answer, longest completion")
+    cosine_max_value_correct: float = Field(1.0, description="cosine reward: correct answer, shortest completion")
+    overlong_max_tokens: int | None = Field(None, gt=0, description="soft_overlong punishment: -1 beyond this "
+                                                                    "many completion tokens (required for "
+                                                                    "`soft_overlong`; usually "
+                                                                    "max_completion_length)")
+    overlong_cache_tokens: int | None = Field(None, ge=0, description="soft_overlong punishment: tokens before "
+                                                                      "overlong_max_tokens over which it falls "
+                                                                      "from 0 to -1 (default: a fifth of "
+                                                                      "overlong_max_tokens)")
 
     @field_validator("weights")
     @classmethod
     def _check_weights(cls, weights: dict[str, float]) -> dict[str, float]:
-        problems = [f"unknown reward {name!r} (expected one of {list(REWARD_FUNCS)})"
+        problems = [f"unknown reward {name!r} (expected one of {list(REWARD_FUNCS)}, or define it under `custom`)"
                     for name in weights if name not in REWARD_FUNCS]
-        problems += [f"weight of {name!r} must be a finite number" for name, w in weights.items()
-                     if not math.isfinite(w)]
-        if not weights:
-            problems.append(f"at least one reward is needed (one of {list(REWARD_FUNCS)})")
+        problems += [p for name, w in weights.items() if (p := _weight_problem(name, w))]
+        if "task" in weights and importlib.util.find_spec("stages.tasks") is None:
+            problems.append("reward 'task' needs stages/tasks.py (the reasoning-gym task verifiers), which this "
+                            "r1flow lacks")
         if problems:
             raise ValueError("; ".join(problems))
         return weights
 
+    @field_validator("custom")
+    @classmethod
+    def _check_custom(cls, custom: dict[str, CustomReward], info: ValidationInfo) -> dict[str, CustomReward]:
+        base_dir = (info.context or {}).get("config_dir")
+        base_dir = None if base_dir is None else str(base_dir)
+        builtin_names = set(REWARD_FUNCS) | {f.__name__ for f in REWARD_FUNCS.values()}
+        problems = []
+        for name, spec in custom.items():
+            where = f"custom reward {name!r}"
+            if not _NAME_RE.fullmatch(name):
+                problems.append(f"{where}: the name must be letters, digits and _ (it names the TRL log key)")
+                continue
+            if name in builtin_names:
+                problems.append(f"{where}: the name is taken by a built-in reward")
+                continue
+            if (p := _weight_problem(name, spec.weight)) is not None:
+                problems.append(f"{where}: {p}")
+            try:
+                func, _source, sha = load_user_function(spec.function, base_dir)
+            except ValueError as exc:
+                problems.append(f"{where}: {exc}")
+                continue
+            bad, columns = _signature_problems(func, spec.args)
+            problems += [f"{where}: {spec.function} {p}" for p in bad]
+            spec.source_sha256 = sha
+            spec._base_dir, spec._columns = base_dir, columns
+        if problems:
+            raise ValueError("; ".join(problems))
+        return custom
+
+    @model_validator(mode="after")
+    def _check_options(self) -> RewardsConfig:
+        problems = []
+        if not self.weights and not self.custom:
+            problems.append(f"at least one reward is needed (one of {list(REWARD_FUNCS)}, or one under `custom`)")
+        if "cosine" in self.weights and self.cosine_max_tokens is None:
+            problems.append("reward 'cosine' needs cosine_max_tokens (usually the trainer's max_completion_length)")
+        if "soft_overlong" in self.weights and self.overlong_max_tokens is None:
+            problems.append("reward 'soft_overlong' needs overlong_max_tokens (usually the trainer's "
+                            "max_completion_length)")
+        if (self.overlong_max_tokens is not None and self.overlong_cache_tokens is not None
+                and self.overlong_cache_tokens >= self.overlong_max_tokens):
+            problems.append("overlong_cache_tokens must be below overlong_max_tokens")
+        values = [self.cosine_min_value_wrong, self.cosine_max_value_wrong, self.cosine_min_value_correct,
+                  self.cosine_max_value_correct]
+        if not all(math.isfinite(v) for v in values) or values != sorted(values):
+            problems.append("cosine values must be finite and ordered: cosine_min_value_wrong <= "
+                            "cosine_max_value_wrong <= cosine_min_value_correct <= cosine_max_value_correct")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+    def named_weights(self) -> dict[str, float]:
+        """Every configured reward (built-in, then custom) -> its weight, in the order of
+        `build_reward_funcs`."""
+        return {**self.weights, **{name: spec.weight for name, spec in self.custom.items()}}
+
+    def dataset_columns(self) -> list[str]:
+        """The dataset columns the configured rewards may read (keep them when selecting columns):
+        see REWARD_COLUMNS, plus the parameters of custom rewards not bound by their `args`."""
+        columns = [c for name in self.weights for c in REWARD_COLUMNS.get(name, ())]
+        columns += [c for spec in self.custom.values() for c in spec._columns]
+        return list(dict.fromkeys(columns))
+
 
 def _bound(name: str, cfg: RewardsConfig) -> Callable[..., list]:
-    """The reward function `name` with its options from `cfg` bound (keeps the function's name)."""
+    """The reward `name` with its options from `cfg` bound, named as TRL logs it: a built-in keeps
+    its function's name (`accuracy_reward`), a custom reward carries its config name."""
+    if name in cfg.custom:
+        return cfg.custom[name].bound(name)
     options = {
         "accuracy": {"wrong": cfg.accuracy_wrong},
         "language": {"default_language": cfg.language},
         "length": {"max_chars": cfg.max_chars, "buffer": cfg.length_buffer},
         "repetition": {"ngram": cfg.repetition_ngram},
+        "reasoning_steps": {"steps_target": cfg.reasoning_steps_target},
+        "cosine": {"cosine_max_tokens": cfg.cosine_max_tokens, "min_value_wrong": cfg.cosine_min_value_wrong,
+                   "max_value_wrong": cfg.cosine_max_value_wrong, "min_value_correct": cfg.cosine_min_value_correct,
+                   "max_value_correct": cfg.cosine_max_value_correct},
+        "soft_overlong": {"overlong_max_tokens": cfg.overlong_max_tokens,
+                          "overlong_cache_tokens": cfg.overlong_cache_tokens},
     }.get(name, {})
     func = REWARD_FUNCS[name]
     return functools.update_wrapper(functools.partial(func, **options), func)
 
 
 def build_reward_funcs(cfg: RewardsConfig) -> tuple[list[Callable[..., list]], list[float]]:
-    """The configured reward functions and their weights, in the order of `cfg.weights`, for
-    `GRPOTrainer(reward_funcs=funcs, args=GRPOConfig(reward_weights=weights))`."""
-    names = list(cfg.weights)
-    return [_bound(name, cfg) for name in names], [float(cfg.weights[name]) for name in names]
+    """The configured reward functions and their weights: the built-ins in the order of
+    `cfg.weights`, then the custom ones in the order of `cfg.custom` (`cfg.named_weights()` names
+    them), for `GRPOTrainer(reward_funcs=funcs, args=GRPOConfig(reward_weights=weights))`."""
+    named = cfg.named_weights()
+    return [_bound(name, cfg) for name in named], [float(w) for w in named.values()]
 
 
 def score_completion(text: Any, cfg: RewardsConfig, **row: Any) -> dict[str, float | None]:
-    """Every configured reward for one completion (keyed by config name), plus "total": the
-    weighted sum of those that are not None (0.0 if all are None). `row` holds the dataset columns
-    (`answer=`, `language=`) as single values."""
+    """Every configured reward for one completion (keyed by config name, custom ones included), plus
+    "total": the weighted sum of those that are not None (0.0 if all are None). `row` holds the
+    dataset columns (`answer=`, `language=`, ...) as single values; token-length rewards need
+    `num_tokens=` (or `completion_ids=`), else they are None."""
     columns = {key: [value] for key, value in row.items()}
-    scores: dict[str, float | None] = {name: _bound(name, cfg)([text], **columns)[0] for name in cfg.weights}
-    scores["total"] = sum(cfg.weights[name] * s for name, s in scores.items() if s is not None)
+    named = cfg.named_weights()
+    scores: dict[str, float | None] = {name: _bound(name, cfg)([text], **columns)[0] for name in named}
+    scores["total"] = sum(named[name] * s for name, s in scores.items() if s is not None)
     return scores
