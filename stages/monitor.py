@@ -10,7 +10,13 @@ reward climbs while held-out accuracy falls, or the text degenerates (loops, lon
 
 and raises an alarm when reward rose (since the last healthy check) while accuracy dropped more than
 `max_accuracy_drop` below its best, or when a degeneration bound is crossed (bounds relative to the
-starting model's signals, measured at step 0, and optional absolute bounds). An alarm publishes a
+starting model's signals, measured at step 0, and optional absolute bounds).
+
+In stage 4 it also watches the general half: greedy answers to held-out general prompts
+(`general_dataset`, preference-rl's `eval_general` by default) at every check, with their own
+bounds relative to the starting (stage-3) model: repetition, distinct-2, mean length, and general
+accuracy where the rows carry a reference `answer` (`general_correct`). A reward model that pays for
+loops or length shows up there first, since the reasoning half keeps its rule rewards. An alarm publishes a
 warning through the stage's reporter and, with `stop_on_alarm`, stops training and puts the weights
 of the last healthy check back into the model, so whatever the stage saves afterwards is healthy.
 A check that raises no alarm is healthy and saves its weights (safetensors) to `save_dir`.
@@ -25,6 +31,7 @@ from __future__ import annotations
 import functools
 import logging
 import math
+import re
 from pathlib import Path
 from typing import Any
 
@@ -70,6 +77,26 @@ class MonitorConfig(StageConfig):
     max_repetition: float | None = Field(None, ge=0, le=1, description="alarm when the repetition rate exceeds this; None: off")
     max_mean_length: float | None = Field(None, gt=0, description="alarm when the mean answer length (tokens) exceeds this; "
                                                                   "None: off")
+    # The general half (stage 4): held-out general prompts, bounds relative to the starting model.
+    general_dataset: DatasetRef | None = Field(
+        None, description="held-out general prompts (`prompt`, optional reference `answer`) answered at every check "
+                          "in preference-rl; None: preference-rl's `eval_general`. Reasoning-rl does not watch them")
+    general_n_prompts: int = Field(16, ge=0, description="held-out general prompts answered greedily at each check "
+                                                         "(0: the general half is not watched)")
+    general_max_new_tokens: int | None = Field(
+        None, ge=1, description="generation budget of each general answer; None: `max_new_tokens`")
+    general_max_repetition_rise: float | None = Field(
+        0.15, ge=0, le=1, description="alarm when the general answers' mean repeated-3-gram share exceeds the "
+                                      "starting model's by more than this; None: off")
+    general_max_distinct2_drop: float | None = Field(
+        0.3, ge=0, le=1, description="alarm when the general answers' distinct-2 falls below (1 - this) x the "
+                                     "starting model's; None: off")
+    general_max_length_growth: float | None = Field(
+        1.0, gt=0, description="alarm when the general answers' mean length (tokens) exceeds (1 + this) x the "
+                               "starting model's (a reward model paying for length); None: off")
+    general_max_accuracy_drop: float | None = Field(
+        0.15, ge=0, le=1, description="alarm when general accuracy (rows with a reference `answer`) falls more than "
+                                      "this below the starting model's; None: off")
     stop_on_alarm: bool = Field(True, description="on an alarm, stop training and restore the last healthy weights")
 
 
@@ -91,6 +118,71 @@ def heldout_accuracy(texts: list[str], answers: list[Any]) -> float | None:
     verdicts = [verify_answer(gold, extract_answer(t)) for t, gold in zip(texts, answers)]
     judged = [v for v in verdicts if v is not None]
     return sum(judged) / len(judged) if judged else None
+
+
+_WORD = re.compile(r"[^\W_]+")
+GENERAL_EXTRA_WORDS = 12  # a general answer may add this many words around its reference (e.g. "Sure! ...")
+
+
+def general_correct(text: str, reference: Any) -> bool | None:
+    """Whether a general answer matches its reference: the final answer (the `<answer>` block; the whole
+    text when it has none; several blocks: wrong), lower-cased and reduced to words, equals the
+    reference's words or contains them as one run with at most GENERAL_EXTRA_WORDS other words
+    ("The opposite of wet is dry." matches `dry` and `the opposite of wet is dry`; a list of every
+    colour does not). None when there is no reference."""
+    if reference is None or not str(reference).strip():
+        return None
+    ref = _WORD.findall(str(reference).lower())
+    if not ref:
+        return None
+    text = completion_text(text)
+    answer = extract_answer(text) if "<answer>" in text else text
+    words = _WORD.findall((answer or "").lower())
+    if words == ref:
+        return True
+    if not words or len(words) > len(ref) + GENERAL_EXTRA_WORDS:
+        return False
+    return any(words[i:i + len(ref)] == ref for i in range(len(words) - len(ref) + 1))
+
+
+def general_accuracy(texts: list[str], references: list[Any]) -> float | None:
+    """Share of general answers matching their reference (`general_correct`); None when no row has one."""
+    verdicts = [general_correct(t, r) for t, r in zip(texts, references)]
+    judged = [v for v in verdicts if v is not None]
+    return sum(judged) / len(judged) if judged else None
+
+
+def general_signals(texts: list[str], lengths: list[int], references: list[Any] | None = None) -> dict[str, Any]:
+    """The general half's signals of one set of answers: distinct-2, repetition, mean length, accuracy."""
+    return {"general_distinct_2": round(distinct_n(texts, 2), 4),
+            "general_repetition": round(repetition_rate(texts, 3), 4),
+            "general_mean_length": round(sum(lengths) / max(len(lengths), 1), 1),
+            "general_accuracy": general_accuracy(texts, references or [None] * len(texts))}
+
+
+def check_general_problems(cfg: MonitorConfig, row: dict[str, Any], start: dict[str, Any] | None) -> list[str]:
+    """The alarms of the general half (empty when healthy or not watched): the row's `general_*` signals
+    against those of the starting model (`start`, the check at step 0)."""
+    if start is None or row.get("general_distinct_2") is None or start.get("general_distinct_2") is None:
+        return []
+    problems = []
+    d2, rep, length = row["general_distinct_2"], row["general_repetition"], row["general_mean_length"]
+    if cfg.general_max_distinct2_drop is not None and d2 < (1 - cfg.general_max_distinct2_drop) * start["general_distinct_2"]:
+        problems.append(f"general prompts: distinct-2 fell {start['general_distinct_2']:.3f} -> {d2:.3f} (allowed "
+                        f"drop {cfg.general_max_distinct2_drop:.0%})")
+    if cfg.general_max_repetition_rise is not None and rep > start["general_repetition"] + cfg.general_max_repetition_rise:
+        problems.append(f"general prompts: repetition rate rose {start['general_repetition']:.3f} -> {rep:.3f} "
+                        f"(allowed rise {cfg.general_max_repetition_rise})")
+    if (cfg.general_max_length_growth is not None
+            and length > (1 + cfg.general_max_length_growth) * start["general_mean_length"]):
+        problems.append(f"general prompts: mean answer length grew {start['general_mean_length']:.1f} -> {length:.1f} "
+                        f"tokens (allowed growth {cfg.general_max_length_growth:.0%})")
+    acc, acc0 = row.get("general_accuracy"), start.get("general_accuracy")
+    if (cfg.general_max_accuracy_drop is not None and acc is not None and acc0 is not None
+            and acc0 - acc > cfg.general_max_accuracy_drop):
+        problems.append(f"general prompts: accuracy fell {acc0:.3f} -> {acc:.3f} (allowed drop "
+                        f"{cfg.general_max_accuracy_drop})")
+    return problems
 
 
 def check_problems(cfg: MonitorConfig, row: dict[str, Any], best_accuracy: float | None,
@@ -121,7 +213,7 @@ def check_problems(cfg: MonitorConfig, row: dict[str, Any], best_accuracy: float
         problems.append(f"repetition rate {rep:.3f} above {cfg.max_repetition}")
     if cfg.max_mean_length is not None and length > cfg.max_mean_length:
         problems.append(f"mean answer length {length:.1f} tokens above {cfg.max_mean_length}")
-    return problems
+    return problems + check_general_problems(cfg, row, start)
 
 
 def greedy_answers(model, tokenizer, prompts: list, max_new_tokens: int, batch_size: int = 32) -> tuple[list[str], list[int]]:
@@ -158,14 +250,17 @@ class _MonitorLogic:
     """`RewardHackingMonitor`: a TrainerCallback that watches reward vs held-out accuracy and degeneration (see module doc).
 
     `eval_rows`: held-out rows with `prompt` (a conversation) and `answer` (gold; rows without one
-    still count for degeneration signals). `save_dir`: where the last healthy weights go.
+    still count for degeneration signals). `general_rows`: held-out general rows (`prompt`, optional
+    reference `answer`) for the general half (None or empty: not watched). `save_dir`: where the last
+    healthy weights go.
     After training: `history` (one row per check), `alarms` (rows with their reasons),
     `stopped` (training was stopped by an alarm), `healthy_step` (step of the weights kept)."""
 
     def __init__(self, cfg: MonitorConfig, eval_rows: list[dict], tokenizer, save_dir: Path,
-                 reporter: Reporter | None = None, name: str = "monitor"):
+                 reporter: Reporter | None = None, name: str = "monitor", general_rows: list[dict] | None = None):
         self.cfg, self.tokenizer, self.save_dir = cfg, tokenizer, Path(save_dir)
         self.rows = list(eval_rows)[: cfg.n_prompts]
+        self.general_rows = list(general_rows or [])[: cfg.general_n_prompts]
         self.reporter = reporter or Reporter()
         self.name = name
         self.history: list[dict[str, Any]] = []
@@ -218,11 +313,19 @@ class _MonitorLogic:
             "repetition": round(repetition_rate(texts, 3), 4),
             "mean_length": round(sum(lengths) / max(len(lengths), 1), 1),
         }
+        general_texts: list[str] = []
+        if self.general_rows:
+            general_texts, general_lengths = greedy_answers(
+                model, self.tokenizer, [r["prompt"] for r in self.general_rows],
+                self.cfg.general_max_new_tokens or self.cfg.max_new_tokens)
+            row.update(general_signals(general_texts, general_lengths, [r.get("answer") for r in self.general_rows]))
         reference = self._reference_reward if self._reference_reward is not None else self._first_reward
         problems = check_problems(self.cfg, row, self._best_accuracy, reference,
                                   self.history[0] if self.history and not initial else None)
         self._last_check = step
         row["sample"] = completion_text(texts[0])[:160] if texts else ""
+        if general_texts:
+            row["general_sample"] = completion_text(general_texts[0])[:160]
         if initial and problems:  # the starting model is the baseline, whatever it looks like
             self.reporter.warning(f"{self.name}-baseline", "The starting model is already outside the monitor's "
                                   "bounds: " + "; ".join(problems) + ". Check the bounds in `monitor:`.")
@@ -230,12 +333,13 @@ class _MonitorLogic:
         row["healthy"] = not problems
         row["alarm"] = "; ".join(problems)
         self.history.append(row)
-        log.info("monitor step %d: %s", step, {k: v for k, v in row.items() if k != "sample"})
+        log.info("monitor step %d: %s", step, {k: v for k, v in row.items() if not k.endswith("sample")})
         if problems:
             self.alarms.append(row)
             self.reporter.warning(f"{self.name}-alarm", (
                 f"Reward hacking suspected at step {step}: " + "; ".join(problems) + ".\n\n"
-                f"Sample held-out answer: `{row['sample']}`"))
+                f"Sample held-out answer: `{row['sample']}`"
+                + (f"\n\nSample general answer: `{row['general_sample']}`" if row.get("general_sample") else "")))
             return True
         if row["accuracy"] is not None:
             self._best_accuracy = max(self._best_accuracy or 0.0, row["accuracy"])
@@ -297,4 +401,16 @@ def load_eval_rows(cfg: MonitorConfig, ctx) -> list[dict]:
     ref = cfg.dataset or getattr(getattr(ctx.pipeline, "eval", None), "dataset", None) or "world:eval"
     ds = ctx.resolve_dataset(ref, required_columns=("prompt",))
     ds = ds.select(range(min(cfg.n_prompts, len(ds))))
+    return [{"prompt": r["prompt"], "answer": r.get("answer")} for r in ds]
+
+
+def load_general_rows(cfg: MonitorConfig, ctx, default=None) -> list[dict]:
+    """The general half's held-out rows (`prompt`, `answer` or None): `cfg.general_dataset`, else
+    `default` (preference-rl passes its `eval_general`); [] when neither is set or
+    `general_n_prompts` is 0. The first `general_n_prompts` rows are used."""
+    ref = cfg.general_dataset or default
+    if ref is None or cfg.general_n_prompts == 0:
+        return []
+    ds = ctx.resolve_dataset(ref, required_columns=("prompt",))
+    ds = ds.select(range(min(cfg.general_n_prompts, len(ds))))
     return [{"prompt": r["prompt"], "answer": r.get("answer")} for r in ds]

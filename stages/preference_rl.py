@@ -14,9 +14,19 @@ Two modes:
   of each prompt (when their scores differ by at least `dpo.min_margin`), then TRL `DPOTrainer` on
   those pairs (also written to `<version>/dpo_pairs.jsonl`).
 
-The reward-hacking monitor (`stages/monitor.py`) watches training in both modes. The stage writes the
-final model to `<version>/model` and reports the mean reward-model score of greedy answers to the
-held-out general prompts (`general_eval`) before (stage-3 model) and after (this stage's model).
+Before the reward model is trusted, the reward-model guard (`stages/rm_guard.py`) scores canaries
+(loops, punctuation and newline runs, padding, another question's answer, gibberish) against a good
+reference answer on held-out prompts, as stage 4 pays (helpfulness and harmlessness weights); a
+failing guard stops the stage naming the canaries that got through, or (`rm_guard.on_fail:
+zero-weight`) trains with the reward model's weights at 0 and says so in the metrics and summary.
+
+The reward-hacking monitor (`stages/monitor.py`) watches training in both modes, on the held-out
+reasoning prompts and on the held-out general prompts (`eval_general`). The stage writes the final
+model to `<version>/model` and reports, for greedy answers to the held-out general prompts before
+(stage-3 model) and after (this stage's model): the mean reward-model score, its length-controlled
+change (`length_controlled`: the score difference at matched length), mean length, repetition,
+distinct-2 and general accuracy (rows with a reference `answer`), with samples; a score that rose
+only with length is called out.
 """
 
 from __future__ import annotations
@@ -34,6 +44,7 @@ from stages.common import StageConfig, StageContext, UserError, seed_everything,
 from stages.data import DatasetRef
 from stages.generation import GenerationConfig, generate
 from stages.monitor import MonitorConfig
+from stages.rm_guard import RMGuardConfig
 from stages.rewards import RewardsConfig, build_reward_funcs, completion_text, extract_answer
 
 log = logging.getLogger(__name__)
@@ -119,8 +130,13 @@ class Config(StageConfig):
     harmlessness_weight: float = Field(1.0, ge=0, description="weight of the reward-model score of the whole response "
                                                               "(reasoning included) on general prompts")
     rm_batch_size: int = Field(32, ge=1, description="batch size of reward-model scoring")
-    eval_general: DatasetRef = Field("world:general_eval", description="held-out general prompts for the "
-                                                                       "before/after reward-model score")
+    rm_guard: RMGuardConfig = Field(
+        default_factory=RMGuardConfig,
+        description="reward-model guard: canaries the reward model must score below a good reference answer "
+                    "before stage 4 trusts it (stages/rm_guard.py)")
+    eval_general: DatasetRef = Field("world:general_eval", description="held-out general prompts (`prompt`, "
+                                                                       "optional reference `answer`) for the "
+                                                                       "before/after report and the monitor")
     eval_generation: GenerationConfig = Field(
         default_factory=_greedy, description="how answers to the held-out general prompts are generated (greedy)")
     monitor: MonitorConfig = Field(default_factory=MonitorConfig, description="reward-hacking monitor")
@@ -252,23 +268,81 @@ def _load_rows(ctx: StageContext, ref, required: tuple[str, ...]) -> list[dict]:
     return list(ctx.resolve_dataset(ref, required_columns=required))
 
 
-def mean_rm_score(model_path: str, rm, rm_tokenizer, prompts: list, cfg: Config, trust_remote_code: bool = False) -> dict[str, Any]:
+def mean_rm_score(model_path: str, rm, rm_tokenizer, prompts: list, cfg: Config, trust_remote_code: bool = False,
+                  references: list | None = None) -> dict[str, Any]:
     """Answers of the model at `model_path` to `prompts` (`cfg.eval_generation`, greedy by default),
     scored by the reward model as in training: helpfulness_weight * answer view + harmlessness_weight
-    * whole response, divided by the weights' sum. Returns the mean, its parts and a few samples."""
+    * whole response, divided by the weights' sum (both 0: their plain mean). Returns the mean, its parts, the answers' mean
+    length, repetition, distinct-2 and accuracy against `references` (None where there are none),
+    the per-answer `scores` and `lengths`, and a few samples."""
+    from stages.monitor import general_signals  # noqa: PLC0415
     from stages.reward_model import score  # noqa: PLC0415
 
     records = [r[0] for r in generate(model_path, prompts, cfg.eval_generation, trust_remote_code=trust_remote_code)]
     texts = [r["text"] for r in records]
     help_ = score(rm, rm_tokenizer, prompts, [answer_view(t) for t in texts], cfg.rm_batch_size)
     harm = score(rm, rm_tokenizer, prompts, texts, cfg.rm_batch_size)
-    total_w = (cfg.helpfulness_weight + cfg.harmlessness_weight) or 1.0
-    scores = [(cfg.helpfulness_weight * a + cfg.harmlessness_weight * b) / total_w for a, b in zip(help_, harm)]
+    w_help, w_harm = cfg.helpfulness_weight, cfg.harmlessness_weight
+    if w_help + w_harm <= 0:  # both weights 0: report the plain mean of the two views
+        w_help = w_harm = 1.0
+    scores = [(w_help * a + w_harm * b) / (w_help + w_harm) for a, b in zip(help_, harm)]
+    lengths = [r["num_tokens"] for r in records]
+    signals = general_signals(texts, lengths, references)
     n = max(len(scores), 1)
     return {"mean": sum(scores) / n, "mean_helpfulness": sum(help_) / n, "mean_harmlessness": sum(harm) / n,
-            "mean_tokens": sum(r["num_tokens"] for r in records) / n,
-            "samples": [{"prompt": p[-1]["content"], "answer": t, "score": round(s, 3)}
-                        for p, t, s in list(zip(prompts, texts, scores))[:5]]}
+            "mean_tokens": sum(lengths) / n, "repetition": signals["general_repetition"],
+            "distinct_2": signals["general_distinct_2"], "general_accuracy": signals["general_accuracy"],
+            "scores": scores, "lengths": lengths,
+            "samples": [{"prompt": p[-1]["content"] if not isinstance(p, str) else p, "answer": t,
+                         "score": round(s, 3), "tokens": k}
+                        for p, t, s, k in list(zip(prompts, texts, scores, lengths))[:5]]}
+
+
+def length_controlled(before_scores: list[float], before_lengths: list[float], after_scores: list[float],
+                      after_lengths: list[float]) -> dict[str, float]:
+    """The score change from `before` to `after` at matched length: a regression of score on length
+    with one intercept per model (score = a_model + slope * length, the slope pooled within models),
+    so `delta_length_controlled` = raw delta - slope * (change of mean length). A rise that comes only
+    from longer answers has a raw delta > 0 and a length-controlled delta near 0. With no spread of
+    lengths within the models the slope is 0."""
+    def mean(xs):
+        return sum(xs) / len(xs) if xs else 0.0
+
+    mb_s, ma_s, mb_l, ma_l = mean(before_scores), mean(after_scores), mean(before_lengths), mean(after_lengths)
+    sxy = sum((l - mb_l) * (s - mb_s) for s, l in zip(before_scores, before_lengths)) + \
+        sum((l - ma_l) * (s - ma_s) for s, l in zip(after_scores, after_lengths))
+    sxx = sum((l - mb_l) ** 2 for l in before_lengths) + sum((l - ma_l) ** 2 for l in after_lengths)
+    slope = sxy / sxx if sxx > 0 else 0.0
+    delta = ma_s - mb_s
+    controlled = delta - slope * (ma_l - mb_l)
+    return {"delta": round(delta, 4), "delta_length_controlled": round(controlled, 4),
+            "score_per_token": round(slope, 6), "length_delta": round(ma_l - mb_l, 2),
+            "delta_from_length": round(delta - controlled, 4)}
+
+
+def length_only_rise(lc: dict[str, float], tolerance: float = 0.5) -> bool:
+    """True when the reward-model score rose but at matched length by less than `tolerance` x the raw
+    rise: (with the default) more than half of the gain is bought with length."""
+    return lc["delta"] > 0 and lc["delta_length_controlled"] < tolerance * lc["delta"]
+
+
+def general_report(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:
+    """The stage-4 general-half report: before/after rows (RM score, length-controlled score, length,
+    repetition, distinct-2, general accuracy), the length-controlled change and whether the RM score
+    rose only with length."""
+    lc = length_controlled(before["scores"], before["lengths"], after["scores"], after["lengths"])
+    keys = ("mean_tokens", "repetition", "distinct_2", "general_accuracy")
+
+    def side(d: dict, adjust: float) -> dict:
+        return {"rm_score": round(d["mean"], 4), "rm_score_length_controlled": round(d["mean"] - adjust, 4),
+                **{k: (round(d[k], 4) if isinstance(d[k], float) else d[k]) for k in keys}}
+
+    # Length-controlled scores: each model's mean score moved to the stage-3 model's mean length.
+    b = side(before, 0.0)
+    a = side(after, lc["score_per_token"] * lc["length_delta"])
+    change = {k: (round(a[k] - b[k], 4) if isinstance(a[k], (int, float)) and isinstance(b[k], (int, float)) else None)
+              for k in b}
+    return {"before": b, "after": a, "change": change, **lc, "length_only_rise": length_only_rise(lc)}
 
 
 # ------------------------------------------------------------------------------------------ DPO pairs
@@ -288,6 +362,32 @@ def build_pairs(rows: list[dict], samples: list[list[str]], scores: list[list[fl
 
 
 # ------------------------------------------------------------------------------------------ stage
+
+def guarded_weights(cfg: Config, guard: dict[str, Any] | None) -> tuple[float, float]:
+    """(helpfulness, harmlessness) weights used in training: as configured, or (0, 0) when the
+    reward-model guard failed with `on_fail: zero-weight`."""
+    if guard is not None and not guard["passed"] and guard.get("action") == "zero-weight":
+        return 0.0, 0.0
+    return cfg.helpfulness_weight, cfg.harmlessness_weight
+
+
+def guard_rows(cfg: Config, ctx: StageContext, rm_path: str) -> list[dict]:
+    """Held-out rows {prompt, chosen} for the reward-model guard: `rm_guard.dataset`, else the held-out
+    pairs written next to the reward model by the reward-model stage, else `eval_general` when it has a
+    `chosen` column."""
+    if cfg.rm_guard.dataset is not None:
+        return _load_rows(ctx, cfg.rm_guard.dataset, ("prompt", "chosen"))
+    written = Path(rm_path).parent / "heldout_pairs.jsonl"
+    if written.is_file():
+        return [json.loads(line) for line in written.read_text(encoding="utf-8").splitlines() if line.strip()]
+    general = ctx.resolve_dataset(cfg.eval_general, required_columns=("prompt",))
+    if "chosen" in general.column_names:
+        return list(general)
+    raise UserError("preference-rl: rm_guard.dataset: not set, and there are no held-out pairs of the reward-model "
+                    f"stage next to {rm_path} and no `chosen` column in eval_general; name held-out prompts with a good "
+                    "answer (`prompt`, `chosen`), e.g. {path: HuggingFaceH4/ultrafeedback_binarized, split: "
+                    "test_prefs, limit: 200}, or set rm_guard.enabled: false")
+
 
 def _policy_path(cfg: Config, ctx: StageContext) -> str:
     if cfg.model is not None:
@@ -333,27 +433,42 @@ def run(cfg: Config, ctx: StageContext, callbacks: list | None = None) -> dict:
     trust = bool(getattr(ctx.pipeline, "trust_remote_code", False))
     policy_path, rm_path = _policy_path(cfg, ctx), _reward_model_path(cfg, ctx)
     rm, rm_tok = load_reward_model(rm_path, ctx.device, trust)
+    guard = None
+    if cfg.rm_guard.enabled:
+        from stages.rm_guard import run_guard  # noqa: PLC0415
+
+        ctx.reporter.progress(0.01, "reward-model guard: scoring canaries")
+        guard = run_guard(cfg.rm_guard, rm, rm_tok, guard_rows(cfg, ctx, rm_path), ctx, cfg.rm_batch_size,
+                          cfg.helpfulness_weight, cfg.harmlessness_weight, stage="preference-rl")
+    w_help, w_harm = guarded_weights(cfg, guard)
     tokenizer = AutoTokenizer.from_pretrained(policy_path, trust_remote_code=trust)
     reasoning = _load_rows(ctx, cfg.prompts, ("prompt", "answer"))
     general = _load_rows(ctx, cfg.general_prompts, ("prompt",))
-    eval_prompts = [r["prompt"] for r in _load_rows(ctx, cfg.eval_general, ("prompt",))]
+    eval_rows = _load_rows(ctx, cfg.eval_general, ("prompt",))
+    eval_prompts = [r["prompt"] for r in eval_rows]
+    eval_refs = [r.get("answer") for r in eval_rows]
 
     ctx.reporter.progress(0.02, "scoring the stage-3 model on held-out general prompts")
-    before = mean_rm_score(policy_path, rm, rm_tok, eval_prompts, cfg, trust)
+    before = mean_rm_score(policy_path, rm, rm_tok, eval_prompts, cfg, trust, eval_refs)
     log.info("held-out RM score of the stage-3 model: %.4f", before["mean"])
 
-    funcs, weights = build_rewards(cfg, rm, rm_tok)
+    funcs, weights = build_rewards(cfg.model_copy(update={"helpfulness_weight": w_help, "harmlessness_weight": w_harm}),
+                                   rm, rm_tok)
     monitor = None
     if cfg.monitor.enabled:
+        from stages.monitor import load_general_rows  # noqa: PLC0415
+
         mcfg = cfg.monitor
         if cfg.mode == "dpo" and "reward_key" not in mcfg.model_fields_set:
             mcfg = mcfg.model_copy(update={"reward_key": "rewards/margins"})
-        monitor = RewardHackingMonitor(mcfg, load_eval_rows(mcfg, ctx), tokenizer, ctx.work_dir / "healthy", ctx.reporter)
+        monitor = RewardHackingMonitor(mcfg, load_eval_rows(mcfg, ctx), tokenizer, ctx.work_dir / "healthy", ctx.reporter,
+                                       general_rows=load_general_rows(mcfg, ctx, default=cfg.eval_general))
     all_callbacks = [c for c in [monitor, *(callbacks or [])] if c is not None]
     trainer_dir = ctx.work_dir / "trainer"
     common = dict(output_dir=str(trainer_dir), seed=ctx.seed, use_cpu=ctx.device == "cpu", report_to="none",
                   trust_remote_code=trust)
-    metrics: dict[str, Any] = {"mode": cfg.mode, "policy": policy_path, "reward_model": rm_path}
+    metrics: dict[str, Any] = {"mode": cfg.mode, "policy": policy_path, "reward_model": rm_path, "rm_guard": guard,
+                               "reward_model_weights": {"helpfulness": w_help, "harmlessness": w_harm}}
 
     if cfg.mode == "grpo":
         rows = prompt_mix(reasoning, general, cfg.general_share, cfg.num_prompts, ctx.seed)
@@ -378,27 +493,64 @@ def run(cfg: Config, ctx: StageContext, callbacks: list | None = None) -> dict:
     (out / "training_args.bin").unlink(missing_ok=True)  # a pickle; the version's manifest keeps the config
 
     ctx.reporter.progress(0.92, "scoring the stage-4 model on held-out general prompts")
-    after = mean_rm_score(str(out), rm, rm_tok, eval_prompts, cfg, trust)
-    log.info("held-out RM score: stage 3 %.4f -> stage 4 %.4f", before["mean"], after["mean"])
+    after = mean_rm_score(str(out), rm, rm_tok, eval_prompts, cfg, trust, eval_refs)
+    report = general_report(before, after)
+    log.info("held-out RM score: stage 3 %.4f -> stage 4 %.4f (at matched length: %+.4f; mean length %.1f -> %.1f "
+             "tokens)", before["mean"], after["mean"], report["delta_length_controlled"], before["mean_tokens"],
+             after["mean_tokens"])
     stage3 = _stage3_eval(ctx)
+    hidden = ("samples", "scores", "lengths")
     metrics.update({
         "heldout_rm_score_before": round(before["mean"], 4),
         "heldout_rm_score_after": round(after["mean"], 4),
-        "heldout_rm_detail": {"before": {k: v for k, v in before.items() if k != "samples"},
-                              "after": {k: v for k, v in after.items() if k != "samples"}},
+        "heldout_rm_score_delta_length_controlled": report["delta_length_controlled"],
+        "heldout_rm_detail": {"before": {k: v for k, v in before.items() if k not in hidden},
+                              "after": {k: v for k, v in after.items() if k not in hidden}},
+        "heldout_general": report,
+        "heldout_general_samples": {"before": before["samples"], "after": after["samples"]},
         "stage3_eval": {k: stage3[k] for k in ("pass@1", "greedy_accuracy", "format_rate") if k in stage3},
         "monitor": monitor.summary() if monitor else None,
         "history": [row for row in trainer.state.log_history if "train_runtime" not in row],
         "runtime_s": round(time.time() - t0, 1),
     })
+    metrics["summary"] = stage4_summary(metrics)
     ctx.reporter.table("rm-score", [{"model": "stage 3 (before)", "mean_rm_score": metrics["heldout_rm_score_before"]},
                                     {"model": "stage 4 (after)", "mean_rm_score": metrics["heldout_rm_score_after"]}],
                        description="mean reward-model score of greedy answers to held-out general prompts")
+    ctx.reporter.table("general-eval", [{"model": "stage 3 (before)", **report["before"]},
+                                        {"model": "stage 4 (after)", **report["after"]},
+                                        {"model": "change", **report["change"]}],
+                       description=(
+                           "held-out general prompts, greedy answers: reward-model score, the score at the stage-3 "
+                           "model's mean length (length-controlled), mean length in tokens, repetition (repeated "
+                           "3-gram share), distinct-2, accuracy against reference answers (None: no references)"
+                           + ("; THE SCORE ROSE ONLY WITH LENGTH" if report["length_only_rise"] else "")))
+    if report["length_only_rise"]:
+        ctx.reporter.warning("rm-length-only", (
+            f"The reward-model score on held-out general prompts rose {report['delta']:+.3f}, but only "
+            f"{report['delta_length_controlled']:+.3f} at matched length: the answers grew "
+            f"{report['length_delta']:+.1f} tokens and the reward model pays {report['score_per_token']:+.4f} per "
+            "token. Read the samples before trusting this stage."))
     ctx.reporter.table("rm-samples", [{"when": "before", **s} for s in before["samples"]]
                        + [{"when": "after", **s} for s in after["samples"]],
-                       description="held-out general prompts: answers and their reward-model scores")
+                       description="held-out general prompts: answers, their reward-model scores and lengths")
     ctx.reporter.progress(1.0, "preference RL done")
     return metrics
+
+
+def stage4_summary(metrics: dict[str, Any]) -> dict[str, Any]:
+    """Flat columns for the pipeline summary row: reward-model score and its length-controlled change,
+    general-half length, repetition and accuracy after the stage, and the guard's outcome."""
+    report, guard = metrics.get("heldout_general") or {}, metrics.get("rm_guard")
+    after = report.get("after", {})
+    out = {"rm_score_delta": report.get("delta"),
+           "rm_score_delta_length_controlled": report.get("delta_length_controlled"),
+           "general_mean_tokens": after.get("mean_tokens"), "general_repetition": after.get("repetition"),
+           "general_distinct_2": after.get("distinct_2"), "general_accuracy": after.get("general_accuracy"),
+           "rm_length_only_rise": report.get("length_only_rise"),
+           "rm_guard": ("off" if guard is None else "passed" if guard["passed"]
+                        else f"FAILED: {guard.get('action')} ({', '.join(guard.get('failed_canaries', []))})")}
+    return {k: v for k, v in out.items() if v is not None}
 
 
 def _dpo_pairs(cfg: Config, ctx: StageContext, reasoning: list, general: list, funcs: list, weights: list,

@@ -4,7 +4,11 @@ A sub-step of stage 4 whose output is its own version: when `flows.yaml` names n
 `preference-rl`, this stage trains one with TRL's `RewardTrainer` (Bradley-Terry loss on
 {prompt, chosen, rejected}) from a causal LM (`AutoModelForSequenceClassification`, one label) and
 writes it to `<version>/model` (safetensors + tokenizer). A held-out share of the pairs is never
-trained on; the stage reports the pairwise accuracy there (chosen scored above rejected).
+trained on; the stage reports the pairwise accuracy there (chosen scored above rejected), writes those
+pairs to `<version>/heldout_pairs.jsonl`, and runs the reward-model guard (`stages/rm_guard.py`) on them:
+canaries (loops, punctuation and newline runs, padding, another question's answer, gibberish) must
+score below the held-out chosen answer. A failing guard stops the stage (`guard.on_fail: stop`) or is
+recorded in the metrics with a warning (`zero-weight`; preference-rl runs the guard again).
 
     rm, tok = load_reward_model("runs/tiny/reward-model-.../model", "cpu")
     score(rm, tok, prompts=[[{"role": "user", "content": "Hi"}]], responses=["Hello!"])  # -> [1.7]
@@ -12,6 +16,7 @@ trained on; the stage reports the pairwise accuracy there (chosen scored above r
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from typing import Any
@@ -20,6 +25,7 @@ from pydantic import Field
 
 from stages.common import StageConfig, StageContext, UserError, seed_everything, trainer_field
 from stages.data import DatasetRef
+from stages.rm_guard import RMGuardConfig
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +59,17 @@ class Config(StageConfig):
     heldout_fraction: float = Field(
         0.1, gt=0, lt=1, description="share of the pairs held out of training to measure pairwise accuracy")
     score_batch_size: int = Field(32, ge=1, description="batch size when scoring held-out pairs")
+    synthetic_negatives: float = Field(
+        0.0, ge=0, le=4,
+        description="add this many synthetic pairs per training pair: a training pair's chosen answer against a "
+                    "degenerate copy of it (a phrase loop, a punctuation or newline run, filler padding, gibberish) "
+                    "or against the chosen answer of another training prompt (`stages.rm_guard.synthetic_pairs`; "
+                    "training split only, other random draws than the guard's). The guard then checks these "
+                    "kinds on held-out prompts; it cannot vouch for kinds of text nobody thought of")
+    guard: RMGuardConfig = Field(
+        default_factory=RMGuardConfig,
+        description="reward-model guard run on the trained model with canaries built from the held-out pairs "
+                    "(`dataset` is ignored here: the held-out split is used)")
     trainer: dict[str, Any] = Field(
         default_factory=dict,
         description="trl.RewardConfig fields, merged over TRAINER_DEFAULTS (output_dir, seed, use_cpu and "
@@ -139,6 +156,36 @@ def pairwise_accuracy(rm, tokenizer, pairs, batch_size: int = 32) -> dict[str, A
     return result
 
 
+def length_balance(pairs) -> dict[str, Any]:
+    """How the lengths (characters) of chosen and rejected responses compare, overall and per
+    `rejected_kind` when pairs have one: mean lengths and the share of pairs whose chosen response is
+    the longer one. Far from 0.5, the pairs can teach a reward model length instead of quality."""
+    from stages.rewards import completion_text  # noqa: PLC0415
+
+    rows = list(pairs)
+
+    def stats(sub: list) -> dict[str, Any]:
+        c = [len(completion_text(r["chosen"])) for r in sub]
+        j = [len(completion_text(r["rejected"])) for r in sub]
+        n = max(len(sub), 1)
+        return {"pairs": len(sub), "mean_chosen_chars": round(sum(c) / n, 1), "mean_rejected_chars": round(sum(j) / n, 1),
+                "chosen_longer_share": round(sum(a > b for a, b in zip(c, j)) / n, 4)}
+
+    out = {"all": stats(rows)}
+    if rows and "rejected_kind" in rows[0]:
+        for kind in sorted({r["rejected_kind"] for r in rows}):
+            out[kind] = stats([r for r in rows if r["rejected_kind"] == kind])
+    return out
+
+
+def length_balance_markdown(balance: dict[str, Any]) -> str:
+    """`length_balance` as a Markdown table (for data cards)."""
+    lines = ["| pairs | n | mean chosen chars | mean rejected chars | chosen longer |", "|---|---|---|---|---|"]
+    lines += [f"| {k} | {v['pairs']} | {v['mean_chosen_chars']} | {v['mean_rejected_chars']} | "
+              f"{v['chosen_longer_share']:.0%} |" for k, v in balance.items()]
+    return "\n".join(lines)
+
+
 def run(cfg: Config, ctx: StageContext) -> dict:
     """Train the reward model into ctx.out_dir/model; return held-out pairwise accuracy and the log."""
     import trl  # noqa: PLC0415
@@ -161,15 +208,33 @@ def run(cfg: Config, ctx: StageContext) -> dict:
         output_dir=str(trainer_dir), seed=ctx.seed, use_cpu=ctx.device == "cpu", report_to="none",
         trust_remote_code=trust, **{**TRAINER_DEFAULTS, **cfg.trainer})
     keep = [c for c in ("prompt", "chosen", "rejected", "margin") if c in train.column_names]
-    trainer = trl.RewardTrainer(model=model_ref, args=args, train_dataset=train.select_columns(keep),
-                                processing_class=tokenizer)
-    ctx.reporter.progress(0.05, f"training reward model on {len(train)} pairs")
+    train_set = train.select_columns(keep)
+    n_synthetic = 0
+    if cfg.synthetic_negatives > 0:
+        import datasets  # noqa: PLC0415
+
+        from stages.rm_guard import synthetic_pairs  # noqa: PLC0415
+
+        synth = synthetic_pairs(list(train), cfg.synthetic_negatives, ctx.seed)
+        n_synthetic = len(synth)
+        if synth:
+            if isinstance(train[0]["chosen"], str):  # plain-text pairs: synthetic ones in the same form
+                synth = [{**p, "chosen": p["chosen"][0]["content"], "rejected": p["rejected"][0]["content"]}
+                         for p in synth]
+            rows = list(train_set) + [{k: p.get(k, 0.0) for k in keep} for p in synth]
+            train_set = datasets.Dataset.from_list(rows).shuffle(seed=ctx.seed)
+    trainer = trl.RewardTrainer(model=model_ref, args=args, train_dataset=train_set, processing_class=tokenizer)
+    ctx.reporter.progress(0.05, f"training reward model on {len(train_set)} pairs ({n_synthetic} synthetic)")
     trainer.train(resume_from_checkpoint=ctx.last_checkpoint(trainer_dir))
 
     out = ctx.out_dir / "model"
     trainer.model.config.pad_token_id = tokenizer.pad_token_id
     trainer.save_model(str(out))  # safetensors (transformers default) + tokenizer
     (out / "training_args.bin").unlink(missing_ok=True)  # a pickle; the version's manifest keeps the config
+    balance = length_balance(train)
+    ctx.reporter.table("length-balance", [{"pairs": k, **v} for k, v in balance.items()],
+                       description="training pairs: do chosen answers tend to be longer? (0.5 = balanced; far from "
+                                   "it, a reward model can learn length instead of quality)")
     ctx.reporter.progress(0.9, "scoring held-out pairs")
     rm, rm_tok = load_reward_model(str(out), ctx.device, trust)
     held = pairwise_accuracy(rm, rm_tok, heldout, cfg.score_batch_size)
@@ -178,7 +243,8 @@ def run(cfg: Config, ctx: StageContext) -> dict:
         "heldout_pairwise_accuracy": round(held["pairwise_accuracy"], 4),
         "heldout_mean_margin": round(held["mean_margin"], 4),
         "heldout_accuracy_by_kind": held.get("by_kind", {}),
-        "n_train_pairs": len(train), "n_heldout_pairs": len(heldout),
+        "length_balance": balance,
+        "n_train_pairs": len(train), "n_synthetic_pairs": n_synthetic, "n_heldout_pairs": len(heldout),
         "train_loss": trainer.state.log_history[-1].get("train_loss") if trainer.state.log_history else None,
         "history": [row for row in trainer.state.log_history if "loss" in row],
         "runtime_s": round(time.time() - t0, 1),
@@ -187,5 +253,13 @@ def run(cfg: Config, ctx: StageContext) -> dict:
                                       for k, v in held.get("by_kind", {}).items()]
                        + [{"rejected_kind": "all", "pairwise_accuracy": round(held["pairwise_accuracy"], 4)}],
                        description="reward model: share of held-out pairs where chosen scores above rejected")
+    (ctx.out_dir / "heldout_pairs.jsonl").write_text(
+        "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in heldout), encoding="utf-8")
+    if cfg.guard.enabled:
+        from stages.rm_guard import run_guard  # noqa: PLC0415
+
+        ctx.reporter.progress(0.95, "reward-model guard: scoring canaries")
+        metrics["rm_guard"] = run_guard(cfg.guard, rm, rm_tok, list(heldout), ctx, cfg.score_batch_size)
+        metrics["summary"] = {"rm_guard": "passed" if metrics["rm_guard"]["passed"] else "FAILED"}
     ctx.reporter.progress(1.0, "reward model trained")
     return metrics

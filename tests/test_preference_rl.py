@@ -14,6 +14,7 @@ from conftest import source_cache
 from pydantic import ValidationError
 
 from stages.common import StageContext, UserError
+from stages.rm_guard import CANARY_NAMES
 from stages.preference_rl import (
     GENERAL,
     REASONING,
@@ -21,10 +22,15 @@ from stages.preference_rl import (
     Routed,
     answer_view,
     build_pairs,
+    general_report,
+    guard_rows,
+    guarded_weights,
+    length_controlled,
+    length_only_rise,
     prompt_mix,
+    stage4_summary,
     total_rewards,
 )
-
 
 
 def user(text):
@@ -44,9 +50,9 @@ SFT_ARGS = dict(num_train_epochs=6, per_device_train_batch_size=32, learning_rat
                 max_length=256)
 
 
-def _cache_dir(request, name: str, *sources: str) -> Path:
+def _cache_dir(request, name: str, *sources: str, recipe: object = None) -> Path:
     """A pytest-cache folder for stage-4 test assets, keyed by their sources and the recipes."""
-    return source_cache(request, f"stage4-{name}", sources, (SMALL_WORLD, SFT_ARGS))
+    return source_cache(request, f"stage4-{name}", sources, (SMALL_WORLD, SFT_ARGS) + ((recipe,) if recipe else ()))
 
 
 @pytest.fixture(scope="session")
@@ -82,16 +88,51 @@ def stage3_policy(request, tiny_world) -> Path:
     return out
 
 
+# The reward models below are trained with synthetic negatives (stages/rm_guard.py) at 0.5 per pair, and
+# record a failing guard instead of stopping (`zero-weight`), so the tests can look at what it found.
+RM_CONFIG = dict(synthetic_negatives=0.5, guard={"on_fail": "zero-weight"})
+# The small test world's reward model ranks the good answer above every degenerate canary, but cannot
+# tell the answer to another question from the right one (measured: the reference wins on 19 of 40
+# prompts); runs that are not about the guard show it the other five canaries.
+BAD_RM_CONFIG = dict(guard={"on_fail": "zero-weight"})
+TRUSTED_CANARIES = {"canaries": [n for n in CANARY_NAMES if n != "other-question"]}
+
+
 @pytest.fixture(scope="session")
 def tiny_reward_model(request, tiny_world) -> Path:
     """The reward-model stage run on the tiny world's preference pairs; returns its version folder."""
     from stages import reward_model
 
-    out = _cache_dir(request, "rm", "stages/world.py", "stages/reward_model.py") / "version"
+    out = _cache_dir(request, "rm", "stages/world.py", "stages/reward_model.py", "stages/rm_guard.py",
+                     recipe=RM_CONFIG) / "version"
     if not (out / "metrics.json").is_file():
         out.mkdir(parents=True, exist_ok=True)
         ctx = StageContext(out_dir=out, work_dir=out.parent / "work", inputs={"world": tiny_world}, pipeline=None, seed=0)
-        metrics = reward_model.run(reward_model.Config(), ctx)
+        metrics = reward_model.run(reward_model.Config(**RM_CONFIG), ctx)
+        (out / "metrics.json").write_text(json.dumps(metrics))
+    return out
+
+
+@pytest.fixture(scope="session")
+def loop_loving_reward_model(request, tiny_world) -> Path:
+    """A reward model trained on the tiny world's pairs with chosen and rejected swapped where the
+    rejected answer is `repetitive` or `overlong`: it prefers loops and length. Its version folder."""
+    from stages import reward_model
+    from stages.data import load
+
+    out = _cache_dir(request, "bad-rm", "stages/world.py", "stages/reward_model.py", "stages/rm_guard.py",
+                     recipe=BAD_RM_CONFIG) / "version"
+    if not (out / "metrics.json").is_file():
+        out.mkdir(parents=True, exist_ok=True)
+        rows = []
+        for r in load("world:preference", tiny_world):
+            if r["rejected_kind"] in ("repetitive", "overlong"):
+                r = {**r, "chosen": r["rejected"], "rejected": r["chosen"]}
+            rows.append(r)
+        data = out.parent / "swapped.jsonl"
+        data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        ctx = StageContext(out_dir=out, work_dir=out.parent / "work", inputs={"world": tiny_world}, pipeline=None, seed=0)
+        metrics = reward_model.run(reward_model.Config(dataset=str(data), **BAD_RM_CONFIG), ctx)
         (out / "metrics.json").write_text(json.dumps(metrics))
     return out
 
@@ -238,6 +279,10 @@ def test_build_pairs_skips_identical_texts():
     ({"dpo": {"generation": {"temperature": 0}}}, "temperature"),
     ({"rewards": {"weights": {"bogus": 1.0}}}, "bogus"),
     ({"monitor": {"eval_every": 0}}, "eval_every"),
+    ({"monitor": {"general_max_length_growth": -1}}, "general_max_length_growth"),
+    ({"rm_guard": {"on_fail": "warn"}}, "on_fail"),
+    ({"rm_guard": {"canaries": ["flattery"]}}, "unknown canary"),
+    ({"rm_guard": {"min_pass_share": 2}}, "min_pass_share"),
     ({"unknown": 1}, "unknown"),
 ])
 def test_config_rejects(bad, where):
@@ -255,6 +300,131 @@ def test_missing_upstream_is_a_user_error(tmp_path):
 
     ctx = StageContext(out_dir=tmp_path / "out", work_dir=tmp_path / "w", inputs={}, pipeline=None)
     with pytest.raises(UserError, match="rejection-sft"):
+        preference_rl.run(Config(), ctx)
+
+
+# ------------------------------------------------------------------------------------------ guard and report
+
+@pytest.mark.parametrize("guard, weights, expected", [
+    (None, {}, (1.0, 1.0)),                                                       # guard off
+    ({"passed": True, "action": "trusted"}, {"helpfulness_weight": 0.5}, (0.5, 1.0)),
+    ({"passed": False, "action": "zero-weight"}, {}, (0.0, 0.0)),
+    ({"passed": False, "action": "zero-weight"}, {"harmlessness_weight": 3.0}, (0.0, 0.0)),
+    ({"passed": False, "action": "stop"}, {}, (1.0, 1.0)),                         # (stopped before training)
+])
+def test_guarded_weights(guard, weights, expected):
+    assert guarded_weights(Config(**weights), guard) == expected
+
+
+@pytest.mark.parametrize("before, after, delta, controlled, only_length", [
+    # score = 0.1 x length in both models: the whole rise is length
+    (([1.0, 2.0, 3.0], [10, 20, 30]), ([4.0, 5.0, 6.0], [40, 50, 60]), 3.0, 0.0, True),
+    # same lengths, better scores: all of it survives the control
+    (([1.0, 2.0, 3.0], [10, 20, 30]), ([2.0, 3.0, 4.0], [10, 20, 30]), 1.0, 1.0, False),
+    # longer and better at matched length (+1 at every length, slope 0.1)
+    (([1.0, 2.0, 3.0], [10, 20, 30]), ([3.0, 4.0, 5.0], [20, 30, 40]), 2.0, 1.0, False),
+    # shorter answers and a lower score that is all length: at matched length no change
+    (([4.0, 5.0, 6.0], [40, 50, 60]), ([1.0, 2.0, 3.0], [10, 20, 30]), -3.0, 0.0, False),
+    # no spread of lengths within either model: slope 0, no control possible
+    (([1.0, 1.0], [10, 10]), ([2.0, 2.0], [20, 20]), 1.0, 1.0, False),
+    # mostly length: 2.5 of a 3.0 rise
+    (([1.0, 2.0, 3.0], [10, 20, 30]), ([4.0, 5.0, 6.0], [35, 45, 55]), 3.0, 0.5, True),
+])
+def test_length_controlled(before, after, delta, controlled, only_length):
+    lc = length_controlled(before[0], before[1], after[0], after[1])
+    assert lc["delta"] == pytest.approx(delta, abs=1e-4)
+    assert lc["delta_length_controlled"] == pytest.approx(controlled, abs=1e-4)
+    assert lc["delta_from_length"] == pytest.approx(delta - controlled, abs=1e-4)
+    assert length_only_rise(lc) is only_length
+
+
+def _scored(mean, scores, lengths, rep=0.1, d2=0.8, acc=None):
+    return {"mean": mean, "scores": scores, "lengths": lengths, "mean_tokens": sum(lengths) / len(lengths),
+            "repetition": rep, "distinct_2": d2, "general_accuracy": acc}
+
+
+def test_general_report_makes_a_length_only_rise_visible():
+    before = _scored(2.0, [1.0, 2.0, 3.0], [10, 20, 30], acc=0.5)
+    after = _scored(5.0, [4.0, 5.0, 6.0], [40, 50, 60], rep=0.4, d2=0.3, acc=0.25)
+    report = general_report(before, after)
+    assert report["length_only_rise"] is True
+    assert report["before"] == {"rm_score": 2.0, "rm_score_length_controlled": 2.0, "mean_tokens": 20.0,
+                                "repetition": 0.1, "distinct_2": 0.8, "general_accuracy": 0.5}
+    assert report["after"]["rm_score"] == 5.0 and report["after"]["rm_score_length_controlled"] == pytest.approx(2.0)
+    assert report["change"] == pytest.approx({"rm_score": 3.0, "rm_score_length_controlled": 0.0, "mean_tokens": 30.0,
+                                              "repetition": 0.3, "distinct_2": -0.5, "general_accuracy": -0.25})
+    summary = stage4_summary({"heldout_general": report, "rm_guard": None})
+    assert summary == {"rm_score_delta": 3.0, "rm_score_delta_length_controlled": 0.0, "general_mean_tokens": 50.0,
+                       "general_repetition": 0.4, "general_distinct_2": 0.3, "general_accuracy": 0.25,
+                       "rm_length_only_rise": True, "rm_guard": "off"}
+
+
+def test_general_report_without_references():
+    report = general_report(_scored(1.0, [1.0, 1.0], [5, 6]), _scored(1.5, [1.5, 1.5], [5, 6]))
+    assert report["change"]["general_accuracy"] is None and not report["length_only_rise"]
+    assert "general_accuracy" not in stage4_summary({"heldout_general": report})
+
+
+@pytest.mark.parametrize("guard, shown", [
+    ({"passed": True, "action": "trusted"}, "passed"),
+    ({"passed": False, "action": "zero-weight", "failed_canaries": ["padded", "gibberish"]},
+     "FAILED: zero-weight (padded, gibberish)"),
+])
+def test_summary_says_what_the_guard_did(guard, shown):
+    assert stage4_summary({"rm_guard": guard})["rm_guard"] == shown
+
+
+def _guard_ctx(tmp_path, general_rows):
+    world = tmp_path / "world"
+    (world / "data").mkdir(parents=True)
+    (world / "data" / "general_eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in general_rows))
+    (world / "data" / "pairs.jsonl").write_text(json.dumps({"prompt": user("q"), "chosen": chat("a"), "rejected": chat("b")}) + "\n")
+    return StageContext(out_dir=tmp_path / "out", work_dir=tmp_path / "w", inputs={"world": world}, pipeline=None)
+
+
+def test_guard_rows_sources(tmp_path):
+    ctx = _guard_ctx(tmp_path, [{"prompt": user("g")}])
+    rm_version = tmp_path / "rm-version"
+    (rm_version / "model").mkdir(parents=True)
+    # the held-out pairs the reward-model stage wrote next to its model
+    (rm_version / "heldout_pairs.jsonl").write_text(json.dumps({"prompt": user("h"), "chosen": chat("held")}) + "\n")
+    assert guard_rows(Config(), ctx, str(rm_version / "model"))[0]["chosen"] == chat("held")
+    # rm_guard.dataset wins
+    rows = guard_rows(Config(rm_guard={"dataset": "world:pairs"}), ctx, str(rm_version / "model"))
+    assert rows[0]["chosen"] == chat("a")
+    # a named reward model with nothing next to it and no `chosen` in eval_general: say what to set
+    with pytest.raises(UserError, match="rm_guard.dataset"):
+        guard_rows(Config(), ctx, "org/some-reward-model")
+    with pytest.raises(UserError, match="chosen"):
+        guard_rows(Config(rm_guard={"dataset": "world:general_eval"}), ctx, "org/some-reward-model")
+
+
+def test_guard_rows_fall_back_to_eval_general_with_chosen(tmp_path):
+    ctx = _guard_ctx(tmp_path, [{"prompt": "plain?", "chosen": [{"role": "user", "content": "plain?"},
+                                                                {"role": "assistant", "content": "yes"}]}])
+    rows = guard_rows(Config(), ctx, "org/some-reward-model")
+    assert rows[0]["prompt"] == user("plain?") and rows[0]["chosen"][-1]["content"] == "yes"
+
+
+def test_guard_runs_before_any_model_is_loaded(tmp_path, monkeypatch):
+    # A failing guard stops the stage before training: the policy is never touched.
+    import stages.reward_model as reward_model
+    import stages.rm_guard as rm_guard
+    from stages import preference_rl
+
+    stage3 = tmp_path / "stage3" / "model"
+    stage3.mkdir(parents=True)
+    (stage3 / "config.json").write_text("{}")
+    rm_version = tmp_path / "rm"
+    (rm_version / "model").mkdir(parents=True)
+    (rm_version / "heldout_pairs.jsonl").write_text("".join(
+        json.dumps({"prompt": user(f"What is {i}?"), "chosen": chat(f"<think>t</think><answer>{i}</answer>")}) + "\n"
+        for i in range(6)))
+    monkeypatch.setattr(reward_model, "load_reward_model", lambda *a, **k: (None, None))
+    monkeypatch.setattr(rm_guard, "rm_scorer", lambda *a, **k: lambda prompts, texts: [len(t) / 10 for t in texts])
+    ctx = StageContext(out_dir=tmp_path / "out", work_dir=tmp_path / "w", pipeline=None,
+                       inputs={"rejection-sft": stage3.parent, "reward-model": rm_version})
+    with pytest.raises(UserError, match=r"preference-rl: reward-model guard failed.*padded"):
         preference_rl.run(Config(), ctx)
 
 
@@ -292,8 +462,8 @@ def test_dpo_mode_runs_on_tiny_world(tiny_world, stage3_policy, tiny_reward_mode
     from stages import preference_rl
 
     cfg = Config(mode="dpo", dpo={"num_prompts": 48, "generation": {"n": 4, "temperature": 1.0}, "min_margin": 0.3},
-                 dpo_trainer={"num_train_epochs": 1, "per_device_train_batch_size": 8},
-                 monitor={"eval_every": 2, "n_prompts": 8, "max_new_tokens": 128})
+                 dpo_trainer={"num_train_epochs": 1, "per_device_train_batch_size": 8}, rm_guard=TRUSTED_CANARIES,
+                 monitor={"eval_every": 2, "n_prompts": 8, "max_new_tokens": 128, "general_n_prompts": 4})
     ctx = _stage_ctx(tmp_path, tiny_world, stage3_policy, tiny_reward_model)
     metrics = preference_rl.run(cfg, ctx)
     assert (ctx.out_dir / "model" / "model.safetensors").is_file()
@@ -310,9 +480,27 @@ def test_grpo_mode_runs_with_routed_rewards(tiny_world, stage3_policy, tiny_rewa
     from stages import preference_rl
 
     cfg = Config(num_prompts=64, trainer={"max_steps": 4, "per_device_train_batch_size": 16, "num_generations": 8},
-                 monitor={"eval_every": 2, "n_prompts": 8, "max_new_tokens": 128})
+                 rm_guard=TRUSTED_CANARIES, monitor={"eval_every": 2, "n_prompts": 8, "max_new_tokens": 128,
+                                                     "general_n_prompts": 4})
     ctx = _stage_ctx(tmp_path, tiny_world, stage3_policy, tiny_reward_model)
     metrics = preference_rl.run(cfg, ctx)
+    # the guard ran on the reward-model stage's held-out pairs and trusted the model
+    assert metrics["rm_guard"]["passed"] and metrics["rm_guard"]["action"] == "trusted"
+    assert metrics["reward_model_weights"] == {"helpfulness": 1.0, "harmlessness": 1.0}
+    assert metrics["summary"]["rm_guard"] == "passed"
+    # the monitor watched the general half too
+    assert all(row["general_mean_length"] > 0 and "general_repetition" in row for row in metrics["monitor"]["history"])
+    # honest report: score, length-controlled score, length, repetition, distinct-2, with samples
+    report = metrics["heldout_general"]
+    for side in ("before", "after"):
+        assert set(report[side]) == {"rm_score", "rm_score_length_controlled", "mean_tokens", "repetition",
+                                     "distinct_2", "general_accuracy"}
+        assert len(metrics["heldout_general_samples"][side]) == 5
+        assert {"repetition", "distinct_2", "mean_tokens"} <= set(metrics["heldout_rm_detail"][side])
+    assert report["before"]["rm_score"] == metrics["heldout_rm_score_before"]
+    assert metrics["heldout_rm_score_delta_length_controlled"] == report["delta_length_controlled"]
+    assert {"rm_score_delta", "rm_score_delta_length_controlled", "general_mean_tokens", "general_repetition",
+            "general_distinct_2", "rm_length_only_rise", "rm_guard"} <= set(metrics["summary"])
     assert (ctx.out_dir / "model" / "model.safetensors").is_file()
     logged = [row for row in metrics["history"] if "reward" in row]
     assert len(logged) == 4
@@ -331,8 +519,9 @@ def test_stage_ends_on_healthy_checkpoint_when_monitor_stops_it(tiny_world, stag
 
     from stages import preference_rl
 
-    cfg = Config(num_prompts=64, trainer={"max_steps": 8, "learning_rate": 1e-3},
-                 monitor={"eval_every": 2, "n_prompts": 8, "max_new_tokens": 96, "min_distinct2": 0.99})
+    cfg = Config(num_prompts=64, trainer={"max_steps": 8, "learning_rate": 1e-3}, rm_guard=TRUSTED_CANARIES,
+                 monitor={"eval_every": 2, "n_prompts": 8, "max_new_tokens": 96, "min_distinct2": 0.99,
+                          "general_n_prompts": 4})
     ctx = _stage_ctx(tmp_path, tiny_world, stage3_policy, tiny_reward_model)
     metrics = preference_rl.run(cfg, ctx)
     mon = metrics["monitor"]
@@ -340,3 +529,37 @@ def test_stage_ends_on_healthy_checkpoint_when_monitor_stops_it(tiny_world, stag
     assert [row["step"] for row in mon["history"]] == [0, 2]
     final, start = load_file(str(ctx.out_dir / "model" / "model.safetensors")), load_file(str(stage3_policy / "model.safetensors"))
     assert final.keys() == start.keys() and all(final[k].equal(start[k]) for k in start)
+
+
+@pytest.mark.slow
+def test_guard_stops_stage4_with_a_reward_model_that_loves_loops_and_length(tiny_world, stage3_policy,
+                                                                            loop_loving_reward_model, tmp_path):
+    from stages import preference_rl
+
+    ctx = _stage_ctx(tmp_path, tiny_world, stage3_policy, loop_loving_reward_model)
+    # the good answers of the world's pairs as references (this model's own held-out pairs are swapped)
+    with pytest.raises(UserError) as err:
+        preference_rl.run(Config(rm_guard={"dataset": "world:preference"}), ctx)
+    message = str(err.value)
+    assert message.startswith("preference-rl: reward-model guard failed"), message
+    assert "repetition-loop" in message and "padded" in message
+    assert not (ctx.out_dir / "model").exists()
+
+
+@pytest.mark.slow
+def test_zero_weight_trains_without_the_reward_model_and_says_so(tiny_world, stage3_policy, loop_loving_reward_model,
+                                                                 tmp_path):
+    from stages import preference_rl
+
+    cfg = Config(num_prompts=32, trainer={"max_steps": 2, "per_device_train_batch_size": 16, "num_generations": 8},
+                 rm_guard={"dataset": "world:preference", "on_fail": "zero-weight"}, monitor={"enabled": False})
+    ctx = _stage_ctx(tmp_path, tiny_world, stage3_policy, loop_loving_reward_model)
+    metrics = preference_rl.run(cfg, ctx)
+    assert (ctx.out_dir / "model" / "model.safetensors").is_file()
+    guard = metrics["rm_guard"]
+    assert not guard["passed"] and guard["action"] == "zero-weight"
+    assert {"repetition-loop", "padded"} <= set(guard["failed_canaries"])
+    assert metrics["reward_model_weights"] == {"helpfulness": 0.0, "harmlessness": 0.0}
+    assert metrics["summary"]["rm_guard"].startswith("FAILED: zero-weight (")
+    # the report still scores with the reward model (as configured), to show what it would have paid
+    assert metrics["heldout_rm_score_before"] != 0.0

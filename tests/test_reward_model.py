@@ -7,8 +7,13 @@ import pytest
 from pydantic import ValidationError
 
 from stages.common import UserError
-from stages.reward_model import Config, load_reward_model, pairwise_accuracy, score
-from test_preference_rl import stage3_policy, tiny_reward_model, tiny_world  # noqa: F401  (shared session fixtures)
+from stages.reward_model import Config, length_balance, length_balance_markdown, load_reward_model, pairwise_accuracy, score
+from test_preference_rl import (  # noqa: F401  (shared session fixtures)
+    loop_loving_reward_model,
+    stage3_policy,
+    tiny_reward_model,
+    tiny_world,
+)
 
 
 @pytest.mark.parametrize("bad, where", [
@@ -18,6 +23,9 @@ from test_preference_rl import stage3_policy, tiny_reward_model, tiny_world  # n
     ({"heldout_fraction": 0}, "heldout_fraction"),
     ({"heldout_fraction": 1}, "heldout_fraction"),
     ({"score_batch_size": 0}, "score_batch_size"),
+    ({"synthetic_negatives": -0.5}, "synthetic_negatives"),
+    ({"guard": {"on_fail": "ignore"}}, "on_fail"),
+    ({"guard": {"n_prompts": 0}}, "n_prompts"),
     ({"extra": True}, "extra"),
 ])
 def test_config_rejects(bad, where):
@@ -84,3 +92,73 @@ def test_scores_do_not_depend_on_batching_or_message_form(tiny_world, tiny_rewar
     assert as_messages == pytest.approx(one_by_one, abs=1e-4)
     with pytest.raises(ValueError):
         score(rm, tok, prompts, texts[:3])
+
+
+def _pair(chosen, rejected, kind=None):
+    row = {"prompt": [{"role": "user", "content": "q"}], "chosen": [{"role": "assistant", "content": chosen}],
+           "rejected": rejected}
+    return {**row, "rejected_kind": kind} if kind else row
+
+
+@pytest.mark.parametrize("pairs, expected", [
+    ([_pair("long answer", "x"), _pair("ab", "abcd")], {"all": {"pairs": 2, "mean_chosen_chars": 6.5,
+                                                               "mean_rejected_chars": 2.5, "chosen_longer_share": 0.5}}),
+    ([_pair("aaaa", "a", "rude"), _pair("aaaa", "aa", "rude"), _pair("a", "aaaaaaaa", "overlong")],
+     {"all": {"pairs": 3, "mean_chosen_chars": 3.0, "mean_rejected_chars": 3.7, "chosen_longer_share": 0.6667},
+      "overlong": {"pairs": 1, "mean_chosen_chars": 1.0, "mean_rejected_chars": 8.0, "chosen_longer_share": 0.0},
+      "rude": {"pairs": 2, "mean_chosen_chars": 4.0, "mean_rejected_chars": 1.5, "chosen_longer_share": 1.0}}),
+    ([], {"all": {"pairs": 0, "mean_chosen_chars": 0.0, "mean_rejected_chars": 0.0, "chosen_longer_share": 0.0}}),
+])
+def test_length_balance(pairs, expected):
+    balance = length_balance(pairs)
+    assert balance == expected
+    table = length_balance_markdown(balance)
+    assert table.count("\n") == len(expected) + 1 and "| all |" in table
+
+
+def test_config_fields_are_documented():
+    assert all(f.description for f in Config.model_fields.values())
+    assert Config().guard.enabled and Config().guard.on_fail == "stop" and Config().synthetic_negatives == 0.0
+
+
+@pytest.mark.slow
+def test_reward_model_stage_runs_the_guard_on_its_output(tiny_reward_model):  # noqa: F811
+    from stages.rm_guard import CANARY_NAMES
+
+    metrics = json.loads((tiny_reward_model / "metrics.json").read_text())
+    assert metrics["n_synthetic_pairs"] == metrics["n_train_pairs"] // 2
+    guard = metrics["rm_guard"]
+    assert set(guard["win_share"]) == set(CANARY_NAMES) and guard["n_prompts"] == 40
+    assert guard["passed"] == (not guard["failed_canaries"])
+    assert metrics["summary"]["rm_guard"] == ("passed" if guard["passed"] else "FAILED")
+    # the degenerate canaries score below the held-out chosen answer (measured: on every prompt)
+    for name in ("repetition-loop", "punctuation-run", "newline-run", "padded", "gibberish"):
+        assert guard["win_share"][name] >= 0.9, guard
+    # the length balance of the training pairs is reported (on the tiny world the chosen answer is longer in
+    # most pairs: only `overlong` rejections are longer)
+    balance = metrics["length_balance"]
+    assert balance["all"]["pairs"] == metrics["n_train_pairs"] and balance["overlong"]["chosen_longer_share"] == 0.0
+    heldout = (tiny_reward_model / "heldout_pairs.jsonl").read_text().splitlines()
+    assert len(heldout) == metrics["n_heldout_pairs"] and "chosen" in json.loads(heldout[0])
+
+
+@pytest.mark.slow
+def test_guard_fails_a_reward_model_that_loves_loops_and_length(loop_loving_reward_model):  # noqa: F811
+    metrics = json.loads((loop_loving_reward_model / "metrics.json").read_text())
+    guard = metrics["rm_guard"]
+    assert not guard["passed"] and guard["action"] == "zero-weight"
+    assert "repetition-loop" in guard["failed_canaries"], guard
+
+
+@pytest.mark.slow
+def test_failing_guard_stops_the_reward_model_stage(tiny_world, tmp_path):  # noqa: F811
+    # Two training steps leave the score head random: it cannot rank the reference above all canaries.
+    from stages import reward_model
+    from stages.common import StageContext
+
+    ctx = StageContext(out_dir=tmp_path / "out", work_dir=tmp_path / "work", inputs={"world": tiny_world},
+                       pipeline=None, seed=0)
+    with pytest.raises(UserError) as err:
+        reward_model.run(Config(trainer={"max_steps": 2}), ctx)
+    assert str(err.value).startswith("reward-model: reward-model guard failed") and "reference won" in str(err.value)
+    assert "guard.on_fail: stop" in str(err.value)
