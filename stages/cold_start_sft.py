@@ -3,8 +3,7 @@ so the model answers as `<think>reasoning</think><answer>final</answer>`.
 
 The dataset is conversational prompt/completion; TRL applies the chat template and computes the loss
 on the assistant completion only (`completion_only_loss`). A killed run resumes from the newest
-checkpoint in `ctx.work_dir / "trainer"`. Also holds the helpers the training stages share:
-`ProgressCallback`, `load_policy`, `save_model`.
+checkpoint in `ctx.work_dir / "trainer"`. Model loading and saving live in `stages.models`.
 """
 
 from __future__ import annotations
@@ -18,6 +17,7 @@ from pydantic import Field
 
 from stages.common import StageConfig, StageContext, UserError, trainer_field
 from stages.data import DatasetRef
+from stages.models import final_loss, last_checkpoint, load_policy, progress_callback, release_memory, save_model
 
 log = logging.getLogger(__name__)
 
@@ -64,75 +64,6 @@ def small_test_overrides() -> dict:
                         "logging_steps": 1, "save_steps": 2, "max_length": 192}}
 
 
-# ----------------------------------------------------------------------------- shared training helpers
-
-
-def progress_callback(reporter, label: str):
-    """A TrainerCallback reporting `global_step / max_steps` to the stage's reporter."""
-    from transformers import TrainerCallback  # noqa: PLC0415
-
-    class ProgressCallback(TrainerCallback):
-        def on_log(self, args, state, control, logs=None, **kw):
-            if state.max_steps:
-                reporter.progress(min(1.0, state.global_step / state.max_steps),
-                                  f"{label}: step {state.global_step}/{state.max_steps}")
-
-    return ProgressCallback()
-
-
-def load_policy(path: str, trust_remote_code: bool = False):
-    """Model (float32) and tokenizer from a folder or hub id; loading problems become UserErrors."""
-    import torch  # noqa: PLC0415
-    from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: PLC0415
-
-    try:
-        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as exc:
-        raise UserError(f"model {path!r}: could not be loaded ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})") from exc
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token
-    if not tok.chat_template:
-        raise UserError(f"model {path!r}: the tokenizer has no chat template (needed for conversational data)")
-    return model, tok
-
-
-def last_checkpoint(ctx: StageContext, trainer_dir: Path) -> str | None:
-    ckpt = ctx.last_checkpoint(trainer_dir)
-    if ckpt:
-        log.info("resuming from %s", ckpt)
-        ctx.reporter.progress(0.0, f"resuming from {ckpt}")
-    return ckpt
-
-
-def save_model(trainer, tokenizer, ctx: StageContext, stage: str, dataset: str, base: str,
-               metrics: dict) -> Path:
-    """Write the final model (safetensors, tokenizer + chat template, generation config) and a
-    model card into ctx.out_dir / "model"."""
-    from huggingface_hub import ModelCard, ModelCardData  # noqa: PLC0415
-
-    out = Path(ctx.out_dir) / "model"
-    trainer.save_model(str(out))  # safetensors by default; includes generation_config.json
-    (out / "training_args.bin").unlink(missing_ok=True)  # a pickle: weights folders hold safetensors only
-    tokenizer.save_pretrained(out)
-    card_data = ModelCardData(library_name="transformers", tags=["r1flow", stage, "trl"],
-                              base_model=base if not Path(base).exists() else None)
-    keys = [k for k in ("train_loss", "final_loss", "final_reward", "runtime_s", "global_step") if k in metrics]
-    lines = [f"---\n{card_data.to_yaml()}\n---\n", f"# r1flow `{stage}` checkpoint {ctx.version_id}".rstrip(), "",
-             f"- Trained from: `{base}`", f"- Dataset: `{dataset}`",
-             "- Parent versions: " + (", ".join(f"{k} `{v}`" for k, v in ctx.parents.items()) or "none"),
-             f"- Seed: {ctx.seed}, device: {ctx.device}", "", "## Metrics", ""]
-    lines += [f"- {k}: {metrics[k]}" for k in keys]
-    lines += ["", "Completion format: `<think>reasoning</think><answer>final</answer>`.", ""]
-    ModelCard("\n".join(lines)).save(out / "README.md")
-    return out
-
-
-def final_loss(history: list[dict]) -> float | None:
-    losses = [h["loss"] for h in history if "loss" in h]
-    return losses[-1] if losses else None
-
-
 # ----------------------------------------------------------------------------- stage
 
 
@@ -169,5 +100,7 @@ def run(cfg: Config, ctx: StageContext, callbacks: list | None = None) -> dict:
     }
     dataset_label = cfg.dataset if isinstance(cfg.dataset, str) else cfg.dataset.path
     save_model(trainer, tok, ctx, "cold-start", dataset_label, base_ref, metrics)
+    del trainer, model
+    release_memory()
     ctx.reporter.progress(1.0, "cold-start done")
     return metrics
