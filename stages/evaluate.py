@@ -33,6 +33,14 @@ class Config(StageConfig):
     greedy: bool = Field(True, description="also decode greedily once per prompt and report greedy_accuracy")
     backend: Literal["transformers", "vllm"] = Field(
         "transformers", description="generation backend (transformers is faster for tiny models on CPU)")
+    dtype: str = Field("float32", description="weights dtype for generation: float32, bfloat16, float16, auto "
+                                             "(bfloat16 on GPUs; vLLM on CPU needs float32 or bfloat16)")
+    max_model_len: int | None = Field(
+        None, ge=16, description="vLLM: longest prompt + completion in tokens; None: the longest prompt plus "
+                                 "max_new_tokens. Checked against the model's own context window")
+    enforce_eager: bool = Field(True, description="vLLM: no CUDA graphs (required on CPU; false on GPUs is faster)")
+    gpu_memory_utilization: float = Field(0.85, gt=0, le=1, description="vLLM on GPU: share of GPU memory it may use")
+    tensor_parallel_size: int = Field(1, ge=1, description="vLLM: GPUs to shard the model over")
     batch_size: int = Field(64, ge=1, description="prompts per generation batch")
     seed: int = Field(1234, description="sampling seed (fixed so evaluations of different models are comparable)")
     num_samples: int = Field(6, ge=0, description="how many example completions to return under `samples`")
@@ -43,9 +51,33 @@ def small_test_overrides() -> dict:
     return {"limit": 6, "k": 2, "max_new_tokens": 48}
 
 
+def generation_settings(cfg: Config, model_path: str, prompts: list) -> dict:
+    """The generation settings of an evaluation: the eval config's, with vLLM's context length derived from
+    the prompts when not set, and checked against the model's context window (a UserError when too long)."""
+    from transformers import AutoConfig, AutoTokenizer  # noqa: PLC0415
+
+    from stages.common import UserError  # noqa: PLC0415
+    from stages.generation import prompt_texts  # noqa: PLC0415
+
+    model_len = getattr(AutoConfig.from_pretrained(model_path), "max_position_embeddings", None)
+    longest = 0
+    if cfg.max_model_len is None or model_len:
+        tok = AutoTokenizer.from_pretrained(model_path)
+        longest = max((len(tok(t, add_special_tokens=False)["input_ids"]) for t in prompt_texts(tok, prompts)), default=0)
+    need = max(cfg.max_model_len or 0, longest + cfg.max_new_tokens)
+    if model_len and need > model_len:
+        raise UserError(f"eval: prompts of up to {longest} tokens + max_new_tokens {cfg.max_new_tokens} (max_model_len "
+                        f"{cfg.max_model_len}) exceed the {model_len} positions of {model_path}")
+    return dict(backend=cfg.backend, max_new_tokens=cfg.max_new_tokens, seed=cfg.seed, batch_size=cfg.batch_size,
+                dtype=cfg.dtype, max_model_len=cfg.max_model_len or need, enforce_eager=cfg.enforce_eager,
+                gpu_memory_utilization=cfg.gpu_memory_utilization, tensor_parallel_size=cfg.tensor_parallel_size)
+
+
 def evaluate(model_path: str, cfg: Config, world_dir: Path | None, rewards_cfg=None,
-             progress: Callable[[float], None] | None = None) -> dict:
-    """Evaluate `model_path` on `cfg.dataset`; returns JSON-able metrics (see module doc)."""
+             progress: Callable[[float], None] | None = None, system_prompt: str | None = None) -> dict:
+    """Evaluate `model_path` on `cfg.dataset` (prompts carry `system_prompt`, as in training); returns
+    JSON-able metrics (see module doc)."""
+    from stages.common import with_system_prompt  # noqa: PLC0415
     from stages.data import load  # noqa: PLC0415
     from stages.generation import GenerationConfig, generate  # noqa: PLC0415
     from stages.rewards import extract_answer, format_reward, score_completion, verify_answer  # noqa: PLC0415
@@ -54,9 +86,10 @@ def evaluate(model_path: str, cfg: Config, world_dir: Path | None, rewards_cfg=N
     ds = load(cfg.dataset, world_dir, required_columns=("prompt", "answer"))
     if cfg.limit:
         ds = ds.select(range(min(cfg.limit, len(ds))))
+    ds = with_system_prompt(ds, system_prompt)
     prompts, golds = list(ds["prompt"]), list(ds["answer"])
     languages = list(ds["language"]) if "language" in ds.column_names else [None] * len(prompts)
-    gen = dict(backend=cfg.backend, max_new_tokens=cfg.max_new_tokens, seed=cfg.seed, batch_size=cfg.batch_size)
+    gen = generation_settings(cfg, model_path, prompts)
     share = 0.8 if cfg.greedy else 1.0
     sampled = generate(model_path, prompts, GenerationConfig(n=cfg.k, temperature=cfg.temperature, top_p=cfg.top_p, **gen),
                        progress=(lambda f: progress(share * f)) if progress else None)

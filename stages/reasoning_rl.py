@@ -16,10 +16,10 @@ from typing import Any
 
 from pydantic import Field
 
-from stages.cold_start_sft import final_loss, last_checkpoint, load_policy, progress_callback, save_model
 from stages.common import StageConfig, StageContext, trainer_field
 from stages.monitor import MonitorConfig
 from stages.data import DatasetRef
+from stages.models import final_loss, last_checkpoint, load_policy, progress_callback, release_memory, save_model
 from stages.rewards import RewardsConfig
 
 log = logging.getLogger(__name__)
@@ -97,10 +97,19 @@ def run(cfg: Config, ctx: StageContext, callbacks: list | None = None) -> dict:
     ds = ctx.resolve_dataset(cfg.dataset, required_columns=("prompt", "answer"))
     if cfg.max_prompts:
         ds = ds.select(range(min(cfg.max_prompts, len(ds))))
-    keep = [c for c in ("prompt", "answer", "language") if c in ds.column_names]
+    has_tasks = "task_entry" in ds.column_names  # reasoning-gym rows: the task's own verifier is at hand
+    keep = [c for c in dict.fromkeys(("prompt", "answer", "language", *cfg.rewards.dataset_columns(),
+                                      *(("task", "task_entry") if has_tasks else ())))
+            if c in ds.column_names]
     ds = ds.select_columns(keep)
     model, tok = load_policy(start, cfg.trust_remote_code)
     funcs, weights = build_reward_funcs(cfg.rewards)
+    agreement = None
+    if has_tasks:  # compare r1flow's accuracy check with the task's verifier on every sample (weight 0)
+        from stages.tasks import VerifierAgreement  # noqa: PLC0415
+
+        agreement = VerifierAgreement()
+        funcs, weights = [*funcs, agreement], [*weights, 0.0]
 
     targs = dict(cfg.trainer)
     if ctx.device == "cpu" and targs.get("use_vllm"):
@@ -127,12 +136,25 @@ def run(cfg: Config, ctx: StageContext, callbacks: list | None = None) -> dict:
         "final_reward": rewards[-1] if rewards else None,
         "global_step": trainer.state.global_step,
         "num_prompts": len(ds),
-        "reward_weights": dict(zip(cfg.rewards.weights, weights)),
+        "reward_weights": cfg.rewards.named_weights(),
         "runtime_s": round(time.time() - t0, 1),
         "history": history,
         "monitor": monitor.summary() if monitor else None,
+        "verifier_agreement": agreement.summary() if agreement else None,
     }
+    if agreement is not None:
+        summary = metrics["verifier_agreement"]
+        log.info("accuracy reward vs the tasks' verifiers: %s of %d samples agree", summary["share"], summary["n"])
+        ctx.reporter.table("verifier-agreement",
+                           [{"task": "all", **{k: v for k, v in summary.items() if k not in ("disagreements", "by_task")}}]
+                           + [{"task": k, **v} for k, v in summary["by_task"].items()],
+                           description="r1flow's accuracy check vs the task's own verifier on every stage-2 sample")
+        if summary["disagreements"]:
+            ctx.reporter.table("verifier-disagreements", summary["disagreements"],
+                               description="samples where the accuracy reward and the task's verifier disagree")
     dataset_label = cfg.dataset if isinstance(cfg.dataset, str) else cfg.dataset.path
     save_model(trainer, tok, ctx, "reasoning-rl", dataset_label, start, metrics)
+    del trainer, model
+    release_memory()
     ctx.reporter.progress(1.0, "reasoning-rl done")
     return metrics

@@ -176,9 +176,8 @@ def _apply_judge(cfg: Config, ctx: StageContext, results: list[dict], prompts_ds
     rng = random.Random(ctx.seed)
     decided = [r for r in results if r["correct"] is not None and r["rejected_by"] in (None, "correct", "duplicate")]
     cross = rng.sample(decided, min(cfg.judge.cross_check, len(decided)))
-    if not need and not cross:
-        stats["mode"] = "not needed (rules settled every sample)"
-        return stats
+    # The guard runs whenever a judge is configured, even when the rules settled every sample: its outcome is
+    # part of the dataset's record (a judge that would have been trusted blindly is worth knowing about).
     examples = [{"question": question_text(p), "reference": a}
                 for p, a in zip(prompts_ds["prompt"], prompts_ds["answer"]) if a not in (None, "")]
     if not examples:
@@ -204,7 +203,7 @@ def _apply_judge(cfg: Config, ctx: StageContext, results: list[dict], prompts_ds
             r["rejected_by"], r["reason"] = "judge", "judge failed its canary guard (rules-only)"
         stats["mode"] = "rules-only (guard failed)"
         return stats
-    stats["mode"] = "judge"
+    stats["mode"] = "judge" if need else "judge (guard passed; the rules settled every sample)"
     for r, v in zip(need, verdicts[: len(need)]):
         r["judged"], r["judge_verdict"] = True, v
         if v is True:
@@ -317,7 +316,8 @@ def run(cfg: Config, ctx: StageContext) -> dict:
     # 4. keep the best K per prompt
     for r in results:
         if r["rejected_by"] is None:
-            scores = score_completion(r["completion"], cfg.rewards, answer=r["answer"], language=r["language"])
+            scores = score_completion(r["completion"], cfg.rewards, answer=r["answer"], language=r["language"],
+                                      num_tokens=r["num_tokens"])
             r["reward"] = round(scores["total"], 4)
     kept = select_best(results, cfg.keep_per_prompt, cfg.prefer, ctx.seed)
     kept_ids = {id(r) for r in kept}
@@ -334,15 +334,21 @@ def run(cfg: Config, ctx: StageContext) -> dict:
               "source": "reasoning", "prompt_id": r["prompt_id"], "reward": r["reward"], "num_tokens": r["num_tokens"],
               "judged": r["judged"]} for r in kept]
     n_general = 0
-    if cfg.general is not None and train:
+    nothing_kept = (f"no sample survived the filters ({len(results)} generated; funnel: "
+                    + ", ".join(f"{r['step']} -{r['rejected']}" for r in full_funnel[1:]) + ")")
+    if not kept and not ctx.rehearsal:
+        raise UserError(f"rejection-sft: {nothing_kept}")
+    if not kept:  # a rehearsal checks the mechanics: a two-step stage 2 writes nothing worth keeping
+        log.warning("rehearsal: %s; fine-tuning on general rows only", nothing_kept)
+        ctx.reporter.warning("rehearsal", f"Rehearsal: {nothing_kept}. The SFT step runs on general rows only.")
+    if cfg.general is not None and (train or ctx.rehearsal):
         general = ctx.resolve_dataset(cfg.general, required_columns=("prompt", "completion"))
-        n_general = min(len(general), round(cfg.general_ratio * len(train)))
+        n_general = min(len(general), round(cfg.general_ratio * len(train)) if train else 8)
         picks = random.Random(ctx.seed).sample(range(len(general)), n_general)
         train += [{"prompt": general[i]["prompt"], "completion": general[i]["completion"], "source": "general",
                    "prompt_id": None, "reward": None, "num_tokens": None, "judged": None} for i in picks]
-    if not kept:
-        raise UserError(f"rejection-sft: no sample survived the filters ({len(results)} generated; funnel: "
-                        + ", ".join(f"{r['step']} -{r['rejected']}" for r in full_funnel[1:]) + ")")
+    if not train:
+        raise UserError(f"rejection-sft: {nothing_kept}, and no general rows to train on")
     random.Random(ctx.seed).shuffle(train)
     rejected = [{"prompt_id": r["prompt_id"], "sample": r["sample"], "question": question_text(r["prompt"]),
                  "answer": r["answer"], "completion": completion_text(r["completion"]),
@@ -397,7 +403,7 @@ def train_sft(cfg: Config, ctx: StageContext, start: str, train_file: Path) -> d
     import datasets  # noqa: PLC0415
     from trl import SFTConfig, SFTTrainer  # noqa: PLC0415
 
-    from stages.cold_start_sft import final_loss, last_checkpoint, load_policy, progress_callback, save_model  # noqa: PLC0415
+    from stages.models import final_loss, last_checkpoint, load_policy, progress_callback, release_memory, save_model  # noqa: PLC0415
 
     t0 = time.time()
     ds = datasets.load_dataset("json", data_files=str(train_file), split="train").select_columns(["prompt", "completion"])
@@ -414,6 +420,8 @@ def train_sft(cfg: Config, ctx: StageContext, start: str, train_file: Path) -> d
                "history": history}
     save_model(trainer, tok, ctx, "rejection-sft", f"{ctx.version_id or 'this version'}/data/train.jsonl",
                start if cfg.start_from == "reasoning-rl" else (getattr(ctx.pipeline, "base_model", None) or start), metrics)
+    del trainer, model
+    release_memory()
     return metrics
 
 

@@ -24,6 +24,7 @@ import logging
 import random
 import time
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, model_validator
 
@@ -44,6 +45,8 @@ DATASETS = ("cold_start", "rl_prompts", "eval", "general_sft", "general_prompts"
 class Config(StageConfig):
     """Settings of the tiny world. Defaults build in about a minute on 2 CPU cores."""
 
+    kind: Literal["tiny"] = Field("tiny", description="`tiny`: the synthetic world (a real pipeline imports its "
+                                                       "model and data with `kind: import`, stages/prepare.py)")
     seed: int | None = Field(None, description="seed for data, tokenizer and model; None uses the pipeline seed")
     min_digits: int = Field(3, ge=1, le=6, description="fewest digits of each addend")
     max_digits: int = Field(3, ge=1, le=6, description="most digits of each addend (equal to min_digits: every "

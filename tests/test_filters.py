@@ -55,6 +55,8 @@ def test_world_completions_pass_every_filter():
     # correct: wrong answers
     ("<think>123 + 456 makes 578</think><answer>578</answer>", "579", {}, "correct", "wrong answer"),
     ("<think>half of one is this</think><answer>0.4</answer>", "\\frac{1}{2}", {}, "correct", "wrong answer"),
+    # a wrong word answer is wrong (issue 15), not an unsettled sample for the judge
+    ("<think>the capital is known</think><answer>Lyon</answer>", "Paris", {}, "correct", "wrong answer"),
 ])
 def test_each_filter_rejects(completion, answer, extra, rejected_by, reason):
     result = run_one(completion, answer, **extra)
@@ -65,7 +67,6 @@ def test_each_filter_rejects(completion, answer, extra, rejected_by, reason):
 
 @pytest.mark.parametrize("completion, answer, reason", [
     ("<think>the capital is known</think><answer>Paris</answer>", "Paris", None),  # exact string: correct
-    ("<think>the capital is known</think><answer>Lyon</answer>", "Paris", "is not parseable"),  # gold not math
     ("<think>the capital is known</think><answer>Lyon</answer>", None, "no gold answer"),
     ("<think>I think it is seven</think><answer>seven</answer>", "7", "'seven' is not parseable"),
 ])

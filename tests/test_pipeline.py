@@ -37,8 +37,9 @@ SMOKE = {
         "rejection-sft": {"generation": {"backend": "transformers", "n": 2, "max_new_tokens": 128}, "judge": None,
                           "filters": {"order": ["length", "duplicate"], "min_chars": 1},
                           "trainer": {"max_steps": 3, "logging_steps": 1}},
-        "reward-model": {"trainer": {"max_steps": 4, "logging_steps": 1}},
-        "preference-rl": {"monitor": {"enabled": False}, "num_prompts": 16,
+        # a 4-step reward model cannot pass the reward-model guard: stage 4 continues without trusting it
+        "reward-model": {"trainer": {"max_steps": 4, "logging_steps": 1}, "guard": {"on_fail": "zero-weight"}},
+        "preference-rl": {"monitor": {"enabled": False}, "num_prompts": 16, "rm_guard": {"on_fail": "zero-weight"},
                           "trainer": {"max_steps": 2, "per_device_train_batch_size": 8, "num_generations": 4,
                                       "logging_steps": 1}},
     },

@@ -1,0 +1,110 @@
+"""`--rehearse`: any pipeline shrunk to a few steps and rows per stage, to check its mechanics on CPU in
+minutes before real compute is spent (templates, data columns, filters, judge, reward model, evaluation,
+store, Prefect), never its quality. Rehearsal versions live under their own storage root
+(`<storage_root>-rehearse`), so they never mix with real ones, and stages see `ctx.rehearsal` (stage 3
+then accepts a run where no sample survived the filters, which a two-step cold start always produces).
+
+The shrinking works on the validated config: trainer blocks get `max_steps: 2` and small batches,
+datasets are capped to a few rows, generation to a few short samples. Everything else (backends, models,
+templates, filters, rewards) stays as configured.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+REHEARSAL_ROWS = 24  # rows kept of every dataset
+STEPS = {"max_steps": 2, "save_steps": 1, "logging_steps": 1, "gradient_accumulation_steps": 1}
+GRPO = {"num_generations": 2, "per_device_train_batch_size": 4, "max_completion_length": 32}
+BATCH = {"per_device_train_batch_size": 4}
+# the tiny world at the size of the test suite's world (about 10 s)
+TINY_WORLD = dict(n_cold_start=40, n_rl_prompts=40, n_eval=20, n_general_sft=20, n_general_prompts=20,
+                  n_general_eval=10, n_preference=30, pretrain_steps=30, pretrain_corpus_lines=600,
+                  pretrain_batch_size=8, pretrain_seq_len=64, judge=False)
+
+
+def cap_dataset(ref: Any, rows: int = REHEARSAL_ROWS) -> Any:
+    """A dataset reference limited to `rows` rows (a reasoning-gym task generates only that many)."""
+    from stages.data import DatasetSpec  # noqa: PLC0415
+
+    if ref is None:
+        return None
+    if isinstance(ref, str):
+        return DatasetSpec(path=ref, limit=rows)
+    if hasattr(ref, "reasoning_gym"):
+        task = ref.reasoning_gym
+        return ref.model_copy(update={"reasoning_gym": task.model_copy(update={"size": min(task.size, rows)})})
+    return ref.model_copy(update={"limit": min(ref.limit or rows, rows)})
+
+
+def _short(gen, n: int = 2, tokens: int = 48):
+    return gen.model_copy(update={"n": min(gen.n, n), "max_new_tokens": min(gen.max_new_tokens, tokens)})
+
+
+def _trainer(args: dict, grpo: bool = False) -> dict:
+    out = {**args, **STEPS}
+    out.pop("num_train_epochs", None)
+    for key, value in (GRPO if grpo else BATCH).items():
+        out[key] = min(out.get(key, value), value) if key != "num_generations" else value
+    if grpo:
+        out["per_device_train_batch_size"] = GRPO["per_device_train_batch_size"]
+        out.pop("generation_batch_size", None)
+        out.pop("steps_per_generation", None)
+    return out
+
+
+def _monitor(m):
+    return m.model_copy(update={"n_prompts": 2, "max_new_tokens": min(m.max_new_tokens, 32), "eval_every": 1,
+                                "dataset": cap_dataset(m.dataset) if m.dataset is not None else None,
+                                "general_n_prompts": min(m.general_n_prompts, 2)})
+
+
+def _rm_guard(g):
+    """The guard runs and is reported, but a two-step reward model cannot pass it: continue at weight 0."""
+    return g.model_copy(update={"n_prompts": min(g.n_prompts, 4), "on_fail": "zero-weight",
+                                "dataset": cap_dataset(g.dataset) if g.dataset is not None else None})
+
+
+def rehearsal(pipe):
+    """A copy of the validated pipeline `pipe`, shrunk for a rehearsal."""
+    p = pipe.model_copy(deep=True)
+    p.eval = p.eval.model_copy(update={"limit": 4, "k": 2, "max_new_tokens": min(p.eval.max_new_tokens, 48)})
+    world = p.world
+    if world is not None and world.kind == "tiny":
+        p.world = world.model_copy(update=TINY_WORLD)
+    elif world is not None:
+        update: dict[str, Any] = {"datasets": {k: cap_dataset(v) for k, v in world.datasets.items()}}
+        if world.self_samples is not None:
+            update["self_samples"] = world.self_samples.model_copy(
+                update={"generation": _short(world.self_samples.generation, 2, 64)})
+        p.world = world.model_copy(update=update)
+    st = p.stages
+    if st.cold_start is not None:
+        st.cold_start = st.cold_start.model_copy(update={"max_examples": 16, "trainer": _trainer(st.cold_start.trainer)})
+    if st.reasoning_rl is not None:
+        c = st.reasoning_rl
+        st.reasoning_rl = c.model_copy(update={"max_prompts": 8, "trainer": _trainer(c.trainer, grpo=True),
+                                               "monitor": _monitor(c.monitor)})
+    if st.rejection_sft is not None:
+        c = st.rejection_sft
+        update = {"prompts": cap_dataset(c.prompts, 8), "general": cap_dataset(c.general, 8),
+                  "generation": _short(c.generation), "trainer": _trainer(c.trainer)}
+        if c.judge is not None:  # the guard runs; a judge failing it sends the stage on rules-only
+            update["judge"] = c.judge.model_copy(update={"guard_examples": 1, "cross_check": 2,
+                                                         "on_guard_fail": "rules-only",
+                                                         "generation": _short(c.judge.generation, 1, 48)})
+        st.rejection_sft = c.model_copy(update=update)
+    if st.reward_model is not None:
+        c = st.reward_model
+        st.reward_model = c.model_copy(update={"dataset": cap_dataset(c.dataset, 32), "trainer": _trainer(c.trainer),
+                                               "guard": _rm_guard(c.guard)})
+    if st.preference_rl is not None:
+        c = st.preference_rl
+        update = {"num_prompts": 8, "trainer": _trainer(c.trainer, grpo=True), "monitor": _monitor(c.monitor),
+                  "rm_guard": _rm_guard(c.rm_guard),
+                  "eval_general": cap_dataset(c.eval_general, 4), "eval_generation": _short(c.eval_generation, 1, 32),
+                  "prompts": cap_dataset(c.prompts), "general_prompts": cap_dataset(c.general_prompts),
+                  "dpo": c.dpo.model_copy(update={"num_prompts": 8, "generation": _short(c.dpo.generation, 2, 32)}),
+                  "dpo_trainer": _trainer(c.dpo_trainer)}
+        st.preference_rl = c.model_copy(update=update)
+    return p
