@@ -24,7 +24,7 @@ from typing import Any
 from pydantic import Field
 
 from stages.common import StageConfig, StageContext, UserError, seed_everything, trainer_field
-from stages.data import DatasetRef
+from stages.data import DatasetRef, as_spec
 from stages.rm_guard import RMGuardConfig
 
 log = logging.getLogger(__name__)
@@ -195,7 +195,7 @@ def run(cfg: Config, ctx: StageContext) -> dict:
     seed_everything(ctx.seed)
     pairs = ctx.resolve_dataset(cfg.dataset, required_columns=("prompt", "chosen", "rejected"))
     if len(pairs) < 4:
-        raise UserError(f"dataset {cfg.dataset!r}: {len(pairs)} preference pairs, need at least 4")
+        raise UserError(f"reward-model.dataset {as_spec(cfg.dataset).path!r}: {len(pairs)} preference pairs, need at least 4")
     split = pairs.train_test_split(test_size=cfg.heldout_fraction, seed=ctx.seed)
     train, heldout = split["train"], split["test"]
     model_ref = ctx.resolve_model(cfg.model)
