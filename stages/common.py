@@ -37,39 +37,289 @@ _POSITIVE = {"learning_rate", "num_train_epochs", "per_device_train_batch_size",
              "per_device_eval_batch_size", "max_length", "max_prompt_length"}
 _NON_NEGATIVE = {"weight_decay", "warmup_ratio", "warmup_steps", "beta", "logging_steps",
                  "save_steps", "max_grad_norm", "temperature", "save_total_limit"}
+# String fields TRL types as plain `str` and checks only once training runs (GRPOTrainer's loss, its vLLM set-up,
+# its reward scaling): the values its own help text lists (tests/test_config.py checks the help still lists them).
+TRL_CHOICES: dict[str, dict[str, tuple]] = {
+    "GRPOConfig": {
+        "vllm_mode": ("server", "colocate"),
+        "vllm_model_impl": ("transformers", "vllm"),
+        "loss_type": ("grpo", "dr_grpo", "dapo", "bnpo", "cispo", "sapo", "luspo", "vespo"),
+        "scale_rewards": ("group", "batch", "none", True, False),
+        "importance_sampling_level": ("token", "sequence"),
+        "multi_objective_aggregation": ("sum_then_normalize", "normalize_then_sum"),
+        "vllm_importance_sampling_mode": ("token_truncate", "token_mask", "sequence_truncate", "sequence_mask"),
+    },
+}
+# Fields kept out of the throwaway build (their types are still checked): `tf32` raises on a machine without an
+# Ampere GPU and switches TF32 on for the whole process where there is one; `deepspeed` needs the package and
+# sets environment variables. `bf16`/`fp16` are built: with use_cpu=True TrainingArguments accepts them anywhere.
+_NOT_BUILT = {"tf32", "deepspeed"}
+_THROWAWAY_OUTPUT_DIR = "r1flow-validate-never-written"
 
 
-def trainer_args_validator(trl_class: str) -> Callable[[dict[str, Any]], dict[str, Any]]:
-    """Return a function checking a `trainer:` mapping against the fields of TRL's `trl_class`
-    (e.g. "GRPOConfig"): unknown keys, reserved keys and out-of-range numbers are errors."""
+def _trl_class(trl_class: str):
+    import trl  # noqa: PLC0415  (heavy import, only when a config is validated)
+
+    return getattr(trl, trl_class)
+
+
+_FIELD_TYPES: dict[type, dict[str, Any]] = {}
+
+
+def _field_types(cls) -> dict[str, Any]:
+    import typing  # noqa: PLC0415
+
+    if cls in _FIELD_TYPES:
+        return _FIELD_TYPES[cls]
+    try:
+        hints = typing.get_type_hints(cls)
+    except Exception:  # an annotation that does not resolve: fall back to the raw ones
+        hints = {}
+    _FIELD_TYPES[cls] = {f.name: hints.get(f.name, f.type) for f in dataclasses.fields(cls)}
+    return _FIELD_TYPES[cls]
+
+
+def _accepts(tp: Any, value: Any) -> bool:
+    """Whether `value` (as read from YAML) has the type `tp` of a TRL field; annotations it cannot judge
+    accept (the real build decides)."""
+    import enum  # noqa: PLC0415
+    import types  # noqa: PLC0415
+    import typing  # noqa: PLC0415
+
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        return any(_accepts(arg, value) for arg in typing.get_args(tp))
+    if origin is typing.Literal:
+        return value in typing.get_args(tp)
+    if tp is type(None) or tp is None:
+        return value is None
+    if tp is bool:
+        return isinstance(value, bool)
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if tp is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if tp is str:
+        return isinstance(value, str)
+    if isinstance(tp, type) and issubclass(tp, enum.Enum):
+        return isinstance(value, tp) or value in {m.value for m in tp}
+    if tp in (list, tuple) or origin in (list, tuple):
+        return isinstance(value, (list, tuple))
+    if tp is dict or origin is dict:
+        return isinstance(value, dict)
+    return True
+
+
+def _describe(tp: Any) -> str:
+    import enum  # noqa: PLC0415
+    import types  # noqa: PLC0415
+    import typing  # noqa: PLC0415
+
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(dict.fromkeys(_describe(a) for a in typing.get_args(tp)))
+    if origin is typing.Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    names = {bool: "true or false", int: "an integer", float: "a number", str: "a string", dict: "a mapping",
+             list: "a list", tuple: "a list", type(None): "null"}
+    if tp in names:
+        return names[tp]
+    if origin in names:
+        return names[origin]
+    if isinstance(tp, type) and issubclass(tp, enum.Enum):
+        return "one of " + ", ".join(repr(m.value) for m in tp)
+    return getattr(tp, "__name__", str(tp))
+
+
+def _looks_numeric(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _one_line(text: str) -> str:
+    """A message on one line, without the "; " that separates problems in validation messages."""
+    return " ".join(str(text).split()).replace("; ", ", ")[:400]
+
+
+def _field_problems(trl_class: str, args: dict[str, Any]) -> list[tuple[str | None, str]]:
+    """Key, type, range and choice problems of `args` as (field, message) pairs."""
+    cls = _trl_class(trl_class)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    types_ = _field_types(cls)
+    choices_of = TRL_CHOICES.get(trl_class, {})
+    problems: list[tuple[str | None, str]] = []
+    for key, value in args.items():
+        if key in _RESERVED_TRAINER_ARGS:
+            problems.append((key, "set by r1flow, remove it from the config"))
+            continue
+        if key not in fields:
+            problems.append((key, f"not a field of trl.{trl_class}"))
+            continue
+        choices = choices_of.get(key) or (fields[key].metadata or {}).get("choices")
+        if choices is not None and value is not None and (value in list(choices)):
+            continue  # a listed value (scale_rewards also takes true/false)
+        if not _accepts(types_[key], value):
+            hint = ""
+            if isinstance(value, str) and _looks_numeric(value):
+                hint = " -- YAML reads a number with an exponent but no dot (5e-5) as text: write 5.0e-5"
+            problems.append((key, f"expected {_describe(types_[key])} (got {value!r}){hint}"))
+        elif choices is not None and value is not None:
+            listed = ", ".join(repr(c) for c in choices)
+            problems.append((key, f"must be one of {listed} (got {value!r})"))
+        elif key in _POSITIVE and isinstance(value, (int, float)) and not isinstance(value, bool) and value <= 0:
+            problems.append((key, f"must be > 0 (got {value})"))
+        elif key in _NON_NEGATIVE and isinstance(value, (int, float)) and not isinstance(value, bool) and value < 0:
+            problems.append((key, f"must be >= 0 (got {value})"))
+    return problems
+
+
+def grpo_batch_problems(args: dict[str, Any], world_size: int = 1) -> list[tuple[str, str]]:
+    """TRL's GRPO batch rules (trl.GRPOConfig.__post_init__), mirrored with r1flow's wording for the effective
+    `args` (TRL's defaults filled in): the generation batch -- per_device_train_batch_size x world size x
+    steps_per_generation (by default gradient_accumulation_steps), or generation_batch_size when set -- must hold
+    whole groups of num_generations completions; num_generations >= 2; an evaluation batch must also hold whole
+    groups. r1flow trains on one process (world size 1)."""
+    pdb = args.get("per_device_train_batch_size")
+    gas = args.get("gradient_accumulation_steps")
+    gbs, spg = args.get("generation_batch_size"), args.get("steps_per_generation")
+    num_gen = args.get("num_generations")
+    ints = [v for v in (pdb, gas, gbs, spg, num_gen) if v is not None]
+    if not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in ints) or None in (pdb, gas, num_gen):
+        return []  # type and range problems are reported by the field checks
+    procs = f" x {world_size} processes" if world_size != 1 else ""
+    if gbs is None and spg is None:
+        gbs, how = pdb * world_size * gas, (f"per_device_train_batch_size ({pdb}){procs} x "
+                                           f"gradient_accumulation_steps ({gas})")
+    elif gbs is not None and spg is None:
+        if gbs % (pdb * world_size):
+            return [("generation_batch_size", f"generation_batch_size ({gbs}) must be divisible by the global batch, "
+                                              f"per_device_train_batch_size ({pdb}){procs} (TRL's GRPO rule)")]
+        how = f"generation_batch_size ({gbs})"
+    elif gbs is None:
+        gbs, how = pdb * world_size * spg, f"per_device_train_batch_size ({pdb}){procs} x steps_per_generation ({spg})"
+    else:
+        return [("steps_per_generation", "generation_batch_size and steps_per_generation cannot both be set "
+                                         "(TRL's GRPO rule)")]
+    problems = []
+    eval_strategy = args.get("eval_strategy", "no")
+    eval_gen = args.get("num_generations_eval") or num_gen
+    eval_pdb = args.get("per_device_eval_batch_size")
+    if (str(getattr(eval_strategy, "value", eval_strategy)) != "no" and isinstance(eval_pdb, int)
+            and isinstance(eval_gen, int) and eval_gen > 0 and (eval_pdb * world_size) % eval_gen):
+        problems.append(("per_device_eval_batch_size",
+                         f"the evaluation batch, per_device_eval_batch_size ({eval_pdb}){procs}, must be divisible "
+                         f"by the generations per prompt in evaluation ({eval_gen}) (TRL's GRPO rule)"))
+    if gbs % num_gen:
+        problems.append(("num_generations",
+                         f"the generation batch, {how}{'' if how.startswith('generation_batch_size') else f' = {gbs}'}, "
+                         f"must be divisible by num_generations ({num_gen}): "
+                         f"every prompt's group of completions must fit in one batch (TRL's GRPO rule, world size "
+                         f"{world_size})"))
+    if num_gen < 2:
+        problems.append(("num_generations", f"GRPO needs at least 2 generations per prompt (got {num_gen})"))
+    return problems
+
+
+def _culprit(message: str, args: dict[str, Any]) -> str | None:
+    """The field a TRL error message is about: the first of `args`' keys it names, else the first whose text value
+    it quotes (e.g. "cosin is not a valid SchedulerType"); None when it names none."""
+    import re  # noqa: PLC0415
+
+    def first(pattern_of):
+        hits = [(m.start(), key) for key, value in args.items()
+                if (pat := pattern_of(key, value)) and (m := re.search(pat, message))]
+        return min(hits)[1] if hits else None
+
+    return (first(lambda k, v: rf"(?<![\w]){re.escape(k)}(?![\w])")
+            or first(lambda k, v: rf"(?<![\w]){re.escape(v)}(?![\w])" if isinstance(v, str) and v else None))
+
+
+def _build_problems(trl_class: str, args: dict[str, Any]) -> list[tuple[str | None, str]]:
+    """Build trl.`trl_class` for real from `args` (a throwaway output_dir, use_cpu=True, nothing written) and turn
+    what it raises into (field, message) pairs. Environment variables it sets are restored."""
+    import tempfile  # noqa: PLC0415
+    import warnings  # noqa: PLC0415
+
+    cls = _trl_class(trl_class)
+    kwargs = {k: v for k, v in args.items() if k not in _NOT_BUILT}
+    environ = dict(os.environ)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            cls(output_dir=os.path.join(tempfile.gettempdir(), _THROWAWAY_OUTPUT_DIR), use_cpu=True,
+                report_to="none", **kwargs)
+    except (ValueError, TypeError) as exc:
+        return [(_culprit(str(exc), kwargs), _one_line(exc))]
+    except Exception as exc:  # noqa: BLE001  (an import a field needs, ...): still one line, never a traceback
+        return [(_culprit(str(exc), kwargs), _one_line(f"trl.{trl_class} could not be built "
+                                                        f"({type(exc).__name__}: {exc})"))]
+    finally:
+        for key in set(os.environ) - set(environ):
+            del os.environ[key]
+        os.environ.update({k: v for k, v in environ.items() if os.environ.get(k) != v})
+    return []
+
+
+_PROBLEM_CACHE: dict[str, list[tuple[str | None, str]]] = {}
+
+
+def trainer_problems(trl_class: str, args: dict[str, Any],
+                     run_defaults: dict[str, Any] | None = None) -> list[tuple[str | None, str]]:
+    """Every problem of a `trainer:` mapping as (field or None, message): unknown and reserved keys, values of the
+    wrong type or outside their range or choices, GRPO's batch rule, and whatever trl.`trl_class` raises when it is
+    built for real from `{**run_defaults, **args}` (the settings the stage passes at run time). The build only runs
+    when the field checks pass, and its result is cached per distinct mapping."""
+    import json  # noqa: PLC0415
+
+    assert trl_class in _TRL_CLASSES, trl_class
+    merged = {**(run_defaults or {}), **args}
+    key = json.dumps([trl_class, merged], sort_keys=True, default=repr)
+    if key not in _PROBLEM_CACHE:
+        problems = _field_problems(trl_class, merged)
+        if not problems and trl_class == "GRPOConfig":
+            cls = _trl_class(trl_class)
+            trl_defaults = {f.name: f.default for f in dataclasses.fields(cls)
+                            if f.default is not dataclasses.MISSING}
+            problems = grpo_batch_problems({**trl_defaults, **merged})
+        if not problems:
+            problems = _build_problems(trl_class, merged)
+        _PROBLEM_CACHE[key] = problems
+    return list(_PROBLEM_CACHE[key])
+
+
+def trainer_args_validator(trl_class: str, run_defaults: dict[str, Any] | None = None
+                           ) -> Callable[[dict[str, Any]], dict[str, Any]]:
+    """Return a function checking a `trainer:` mapping against TRL's `trl_class` (e.g. "GRPOConfig"), see
+    `trainer_problems`. It raises a pydantic ValidationError (a ValueError) with one error per problem, located at
+    the field, so `r1flow validate` prints `...stages.S.trainer.FIELD: what is wrong`. `run_defaults`: settings the
+    stage merges under the mapping at run time (they are built with it, not added to it)."""
     assert trl_class in _TRL_CLASSES, trl_class
 
     def check(args: dict[str, Any]) -> dict[str, Any]:
-        import trl  # noqa: PLC0415  (heavy import, only when a config is validated)
+        from pydantic import ValidationError  # noqa: PLC0415
+        from pydantic_core import InitErrorDetails, PydanticCustomError  # noqa: PLC0415
 
-        fields = {f.name for f in dataclasses.fields(getattr(trl, trl_class))}
-        problems = []
-        for key, value in args.items():
-            if key in _RESERVED_TRAINER_ARGS:
-                problems.append(f"{key}: set by r1flow, remove it from the config")
-            elif key not in fields:
-                problems.append(f"{key}: not a field of trl.{trl_class}")
-            elif key in _POSITIVE and isinstance(value, (int, float)) and value <= 0:
-                problems.append(f"{key}: must be > 0 (got {value})")
-            elif key in _NON_NEGATIVE and isinstance(value, (int, float)) and value < 0:
-                problems.append(f"{key}: must be >= 0 (got {value})")
+        problems = trainer_problems(trl_class, args, run_defaults)
         if problems:
-            raise ValueError("; ".join(problems))
+            raise ValidationError.from_exception_data(f"trl.{trl_class}", [
+                InitErrorDetails(type=PydanticCustomError("value_error", "{message}", {"message": _one_line(msg)}),
+                                 loc=(field,) if field else (), input=args.get(field) if field else args)
+                for field, msg in problems])
         return args
 
     return check
 
 
-def trainer_field(trl_class: str, field: str = "trainer"):
+def trainer_field(trl_class: str, field: str = "trainer", run_defaults: dict[str, Any] | None = None):
     """A pydantic validator for a stage config's trainer-arguments dict, checked against `trl_class`.
     Keys the user sets are merged over the field's defaults (its `default_factory`), so overriding
-    one argument in flows.yaml keeps the stage's other tuned defaults."""
-    check = trainer_args_validator(trl_class)
+    one argument in flows.yaml keeps the stage's other tuned defaults. `run_defaults`: settings the stage
+    merges under the dict only when it builds the TRL config (e.g. preference-rl's GRPO_DEFAULTS), so that
+    validation builds what the run builds."""
+    check = trainer_args_validator(trl_class, run_defaults)
 
     def merge_and_check(cls, value):
         if not isinstance(value, dict):
