@@ -91,11 +91,11 @@ def main() -> int:
     args = p.parse_args()
     summary_path = ROOT / "runs" / f"{args.pipeline}{'-rehearse' if args.rehearse else ''}-summary.json"
     if not args.report_only:
-        cmd = [str(ROOT / ".venv" / "bin" / "r1flow"), "--config", args.config, "run", args.pipeline,
+        cmd = [sys.executable, "-m", "pipeline.cli", "--config", args.config, "run", args.pipeline,
                "--summary-json", str(summary_path)] + (["--rehearse"] if args.rehearse else []) \
             + (["--force", *args.force] if args.force else [])
         t0 = time.time()
-        rc = subprocess.call(cmd)
+        rc = subprocess.call(cmd, cwd=ROOT)  # this checkout's code, whichever r1flow is installed
         print(f"r1flow run {args.pipeline}: exit {rc}, {time.time() - t0:.0f} s wall", file=sys.stderr)
         if rc:
             return rc

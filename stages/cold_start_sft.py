@@ -85,7 +85,7 @@ def run(cfg: Config, ctx: StageContext, callbacks: list | None = None) -> dict:
 
     trainer_dir = Path(ctx.work_dir) / "trainer"
     args = SFTConfig(output_dir=str(trainer_dir), seed=ctx.seed, use_cpu=ctx.device == "cpu", report_to="none",
-                     save_strategy="steps", **cfg.trainer)
+                     **{"save_strategy": "steps", **cfg.trainer})
     trainer = SFTTrainer(model=model, args=args, train_dataset=ds, processing_class=tok,
                          callbacks=[progress_callback(ctx.reporter, "cold-start"), *(callbacks or [])])
     result = trainer.train(resume_from_checkpoint=last_checkpoint(ctx, trainer_dir))

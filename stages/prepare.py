@@ -273,6 +273,7 @@ def _self_sample(cfg: Config, ctx: StageContext, model_dir: Path, data: dict[str
     stats: dict[str, Any] = {"prompts": len(prompts), "samples": sum(len(o) for o in outputs), "tokens": n_tokens,
                              "seconds": round(seconds, 1), "tokens_per_s": round(n_tokens / max(seconds, 1e-9), 1),
                              "backend": ss.generation.backend}
+    verified_first = [oks[name][i][0] if oks[name][i] else False for name, i in owners]
     for name in sources:
         flat = [k for ks in oks[name] for k in ks]
         stats[f"{name}_verified_share"] = round(sum(flat) / max(1, len(flat)), 4)
@@ -310,7 +311,7 @@ def _self_sample(cfg: Config, ctx: StageContext, model_dir: Path, data: dict[str
             raise UserError(f"world.self_samples: the base model wrote no verified answer for `{name}` "
                             f"({stats['samples']} samples); raise generation.n or max_new_tokens, or use an easier task")
     stats["examples"] = [{"prompt": prompts[j][0]["content"][:200], "reply": outputs[j][0]["text"][:300],
-                          "verified": oks[owners[j][0]][owners[j][1]][0]} for j in range(min(6, len(prompts)))]
+                          "verified": verified_first[j]} for j in range(min(6, len(prompts)))]
     return stats
 
 

@@ -117,7 +117,7 @@ def run(cfg: Config, ctx: StageContext, callbacks: list | None = None) -> dict:
         targs["use_vllm"] = False
     trainer_dir = Path(ctx.work_dir) / "trainer"
     args = GRPOConfig(output_dir=str(trainer_dir), seed=ctx.seed, use_cpu=ctx.device == "cpu", report_to="none",
-                      save_strategy="steps", reward_weights=targs.pop("reward_weights", weights), **targs)
+                      reward_weights=targs.pop("reward_weights", weights), **{"save_strategy": "steps", **targs})
     monitor = None
     if cfg.monitor.enabled:
         from stages.monitor import RewardHackingMonitor, load_eval_rows  # noqa: PLC0415

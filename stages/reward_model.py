@@ -75,7 +75,7 @@ class Config(StageConfig):
         description="trl.RewardConfig fields, merged over TRAINER_DEFAULTS (output_dir, seed, use_cpu and "
                     "report_to are set by r1flow)")
 
-    _check_trainer = trainer_field("RewardConfig")
+    _check_trainer = trainer_field("RewardConfig", run_defaults=TRAINER_DEFAULTS)
 
 
 def _to_message(response: Any) -> list[dict]:

