@@ -5,8 +5,9 @@ store, Prefect), never its quality. Rehearsal versions live under their own stor
 then accepts a run where no sample survived the filters, which a two-step cold start always produces).
 
 The shrinking works on the validated config: trainer blocks get `max_steps: 2` and small batches,
-datasets are capped to a few rows, generation to a few short samples. Everything else (backends, models,
-templates, filters, rewards) stays as configured.
+datasets are capped to a few rows, generation to a few short samples, guards continue on failure (their
+outcome is still recorded), and evaluation generates with transformers. Everything else (models,
+templates, stage backends, filters, rewards) stays as configured.
 """
 
 from __future__ import annotations
@@ -54,9 +55,11 @@ def _trainer(args: dict, grpo: bool = False) -> dict:
 
 
 def _monitor(m):
-    return m.model_copy(update={"n_prompts": 2, "max_new_tokens": min(m.max_new_tokens, 32), "eval_every": 1,
+    # one check at the start and one at the last step: both code paths, half the generation of every-step checks
+    return m.model_copy(update={"n_prompts": 2, "max_new_tokens": min(m.max_new_tokens, 32), "eval_every": STEPS["max_steps"],
                                 "dataset": cap_dataset(m.dataset) if m.dataset is not None else None,
-                                "general_n_prompts": min(m.general_n_prompts, 2)})
+                                "general_n_prompts": min(m.general_n_prompts, 2),
+                                "general_max_new_tokens": min(m.general_max_new_tokens or 32, 32)})
 
 
 def _rm_guard(g):
@@ -68,7 +71,10 @@ def _rm_guard(g):
 def rehearsal(pipe):
     """A copy of the validated pipeline `pipe`, shrunk for a rehearsal."""
     p = pipe.model_copy(deep=True)
-    p.eval = p.eval.model_copy(update={"limit": 4, "k": 2, "max_new_tokens": min(p.eval.max_new_tokens, 48)})
+    # Evaluation generates with transformers in a rehearsal: five vLLM engine starts would be a third of it, and
+    # the vLLM path is the one the world's self-samples and stage 3 take anyway (same `stages.generation`).
+    p.eval = p.eval.model_copy(update={"limit": 4, "k": 2, "max_new_tokens": min(p.eval.max_new_tokens, 48),
+                                       "greedy": False, "backend": "transformers"})
     world = p.world
     if world is not None and world.kind == "tiny":
         p.world = world.model_copy(update=TINY_WORLD)

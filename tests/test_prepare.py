@@ -166,7 +166,7 @@ def test_rehearsal_shrinks_steps_and_rows_keeps_the_code_paths_and_uses_its_own_
         assert reh.stage_config(stage).trainer["max_steps"] == 2, stage
     assert reh.stages.reasoning_rl.trainer["num_generations"] == 2
     assert reh.stages.reasoning_rl.trainer["per_device_train_batch_size"] % 2 == 0
-    assert reh.eval.limit == 4 and reh.eval.backend == pipe.eval.backend == "vllm"
+    assert reh.eval.limit == 4 and pipe.eval.backend == "vllm" and reh.eval.backend == "transformers"
     assert reh.stages.rejection_sft.generation.backend == "vllm" and reh.stages.rejection_sft.generation.n == 2
     assert reh.stages.rejection_sft.judge.model == pipe.stages.rejection_sft.judge.model
     assert all(ref.reasoning_gym.size <= 24 for ref in reh.world.datasets.values())
