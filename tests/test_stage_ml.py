@@ -80,7 +80,7 @@ def test_cold_start_resumes_from_checkpoint(world_dir, tmp_path, caplog):
     assert (ctx.work_dir / "trainer" / "checkpoint-2").is_dir()
     assert not (ctx.out_dir / "model").exists()
     steps = []
-    with caplog.at_level(logging.INFO, logger="stages.cold_start_sft"):
+    with caplog.at_level(logging.INFO, logger="stages.models"):  # last_checkpoint lives there
         metrics = cold_start_sft.run(cfg, ctx, callbacks=[Count(steps)])
     assert f"resuming from {ctx.work_dir / 'trainer' / 'checkpoint-2'}" in caplog.text
     assert metrics["global_step"] == 4
