@@ -4,11 +4,19 @@ temperature 0.6 / top-p 0.95, plus greedy accuracy, format rate and mean complet
 Correctness uses the same verifier as the rewards (`stages.rewards.verify_answer` on
 `extract_answer`), format the same check as the format reward. The pipeline calls `evaluate` after
 every stage; `r1flow eval VERSION` calls it on one version.
+
+With `general_dataset` set (the tiny pipeline: `world:general_eval`, held-out general questions with a
+short reference `answer`), it also answers those prompts greedily and reports the general half:
+`general_accuracy` (`stages.monitor.general_correct`, as the stage-4 monitor and report count it: the
+`<answer>` block, lower-cased and reduced to words, is the reference or contains it with a few other
+words), `general_exact_match` (the `<answer>` block is the reference, case and punctuation ignored),
+per `family` when the rows have one, the answers' repetition and mean length, and a few samples.
 """
 
 from __future__ import annotations
 
 import logging
+import re
 import time
 from pathlib import Path
 from typing import Callable, Literal
@@ -44,6 +52,10 @@ class Config(StageConfig):
     batch_size: int = Field(64, ge=1, description="prompts per generation batch")
     seed: int = Field(1234, description="sampling seed (fixed so evaluations of different models are comparable)")
     num_samples: int = Field(6, ge=0, description="how many example completions to return under `samples`")
+    general_dataset: DatasetRef | None = Field(
+        None, description="held-out general prompts with short reference answers (columns prompt, answer; optional "
+                          "family), answered greedily (first `limit` rows): general_accuracy, general_exact_match, "
+                          "general_repetition, general_mean_tokens; None: the general half is not evaluated")
 
 
 def small_test_overrides() -> dict:
@@ -133,9 +145,67 @@ def evaluate(model_path: str, cfg: Config, world_dir: Path | None, rewards_cfg=N
     }
     if rewards_cfg is not None:
         metrics["mean_reward"] = _mean(rewards)
+    if cfg.general_dataset is not None:
+        metrics.update(general_metrics(model_path, cfg, world_dir, gen, system_prompt))
     log.info("eval %s: pass@1 %.3f greedy %s format %.3f (%d prompts, k=%d, %.0fs)", model_path, metrics["pass@1"],
              metrics["greedy_accuracy"], metrics["format_rate"], len(prompts), cfg.k, metrics["seconds"])
     return metrics
+
+
+def general_metrics(model_path: str, cfg: Config, world_dir: Path | None, gen: dict,
+                    system_prompt: str | None = None) -> dict:
+    """The general half of an evaluation: greedy answers to `cfg.general_dataset` (columns prompt, answer;
+    optional family) scored against their short references (see module doc). `gen`: the evaluation's
+    generation settings."""
+    from stages.common import with_system_prompt  # noqa: PLC0415
+    from stages.data import load  # noqa: PLC0415
+    from stages.generation import GenerationConfig, generate  # noqa: PLC0415
+    from stages.monitor import general_correct, repetition_rate  # noqa: PLC0415
+
+    ds = load(cfg.general_dataset, world_dir, required_columns=("prompt", "answer"))
+    if cfg.limit:
+        ds = ds.select(range(min(cfg.limit, len(ds))))
+    ds = with_system_prompt(ds, system_prompt)
+    prompts, refs = list(ds["prompt"]), list(ds["answer"])
+    families = list(ds["family"]) if "family" in ds.column_names else [None] * len(prompts)
+    records = [r[0] for r in generate(model_path, prompts, GenerationConfig(n=1, temperature=0.0, **gen))]
+    texts = [r["text"] for r in records]
+    verdicts = [general_correct(t, ref) for t, ref in zip(texts, refs)]
+    exact = [general_exact_match(t, ref) for t, ref in zip(texts, refs)]
+    by_family: dict[str, list[bool]] = {}
+    for family, verdict in zip(families, verdicts):
+        if family is not None and verdict is not None:
+            by_family.setdefault(str(family), []).append(verdict)
+    judged = [v for v in verdicts if v is not None]
+    out = {
+        "general_accuracy": _mean(judged) if judged else None,
+        "general_exact_match": _mean([e for e in exact if e is not None]) if judged else None,
+        "general_repetition": round(repetition_rate(texts, 3), 4),
+        "general_mean_tokens": _mean([r["num_tokens"] for r in records]),
+        "general_n_prompts": len(prompts),
+        "general_samples": [{"prompt": _prompt_text(p), "completion": t, "answer": str(ref), "correct": v}
+                            for p, t, ref, v in list(zip(prompts, texts, refs, verdicts))[:cfg.num_samples]],
+    }
+    if by_family:
+        out["general_accuracy_by_family"] = {k: _mean(v) for k, v in sorted(by_family.items())}
+    log.info("eval %s: general accuracy %s (exact %s) on %d prompts", model_path, out["general_accuracy"],
+             out["general_exact_match"], len(prompts))
+    return out
+
+
+_WORDS = re.compile(r"[^\W_]+")
+
+
+def general_exact_match(text: str, reference) -> bool | None:
+    """Whether the final answer (the `<answer>` block; the whole text when there is none; several blocks:
+    wrong) is the reference, case and punctuation ignored. None when there is no reference."""
+    from stages.rewards import completion_text, extract_answer  # noqa: PLC0415
+
+    if reference is None or not _WORDS.findall(str(reference).lower()):
+        return None
+    text = completion_text(text)
+    answer = extract_answer(text) if "<answer>" in text else text
+    return _WORDS.findall((answer or "").lower()) == _WORDS.findall(str(reference).lower())
 
 
 def _mean(values) -> float:

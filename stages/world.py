@@ -4,7 +4,11 @@ Built deterministically from a seed, with no network:
 - a verifiable reasoning task: multi-digit addition in English, answered as
   `<think>column-by-column reasoning</think><answer>sum</answer>` (gold answers checked by math-verify);
 - datasets (see docs/DESIGN.md): cold_start, rl_prompts, eval (held out), general_sft, general_prompts,
-  general_eval, preference; each with a data card rendered from the templates in `data_cards/`;
+  general_eval, preference; each with a data card rendered from the templates in `data_cards/`. The general
+  half is what a user says to an assistant in eight intents (`INTENTS`: greetings, thanks, a harmful request,
+  ...), each with a reference reply (`answer` in general_prompts and general_eval); general_eval holds out
+  combinations of a saying and an opener; the preference pairs are balanced in length (`length_balance`,
+  reported in their card);
 - a byte-level BPE tokenizer (digits split one per token) with a chat template, `<think>`/`<answer>`
   tags as ordinary added tokens (STACK-NOTES trap: special tokens vanish when decoded);
 - a tiny Qwen2ForCausalLM base model (head_dim 64 for vLLM CPU), briefly pretrained on plain synthetic
@@ -58,9 +62,10 @@ class Config(StageConfig):
     n_cold_start: int = Field(1500, ge=1, description="cold-start examples (prompt + full chain of thought)")
     n_rl_prompts: int = Field(2000, ge=1, description="RL prompts with gold answers")
     n_eval: int = Field(200, ge=1, description="held-out reasoning eval prompts (never in any training split)")
-    n_general_sft: int = Field(400, ge=1, description="general (non-reasoning) SFT examples")
+    n_general_sft: int = Field(800, ge=1, description="general (non-reasoning) SFT examples (stage 3 mixes in up to "
+                                                      "`general_ratio` x its kept reasoning samples)")
     n_general_prompts: int = Field(300, ge=1, description="general prompts for stage 4")
-    n_general_eval: int = Field(60, ge=1, description="held-out general prompts")
+    n_general_eval: int = Field(40, ge=1, description="held-out general prompts (40 distinct ones, repeated beyond)")
     n_preference: int = Field(1200, ge=1, description="preference pairs (prompt, chosen, rejected)")
     vocab_size: int = Field(512, ge=300, description="byte-level BPE vocabulary size (incl. 256 byte symbols)")
     hidden_size: int = Field(128, description="model width; hidden_size / num_heads must be 64 for vLLM CPU")
@@ -209,53 +214,139 @@ def general_facts() -> list[tuple[str, str, str, str]]:
 
 
 GREETINGS = ("Hello!", "Hi there.", "Good morning!", "Hey, can you help me?", "Thank you for your help.")
-GREETING_REPLIES = {
+GREETING_REPLIES = {  # pretraining text only (paired at random there)
     "Hello!": "Hello! How can I help you today?",
     "Hi there.": "Hi! What would you like to know?",
     "Good morning!": "Good morning! How can I help you?",
     "Hey, can you help me?": "Of course, I am happy to help. What do you need?",
     "Thank you for your help.": "You are welcome! I am glad I could help.",
 }
+
+# The general (non-reasoning) half: what a user says, by intent -> (the assistant's thought, its reply, five
+# things a user says with that intent). The reply is the reference answer. Chit-chat, self-knowledge and refusing
+# harm, not facts: a 1M-parameter model that has seen each fact a few dozen times in pretraining cannot recall
+# it, nor copy a question's words into its answer, in a stage-3 budget (measured on the default world: 2 of 60
+# held-out fact questions and 5 of 40 training ones right after 80 general-only SFT steps at 3e-3 from the
+# cold-start model; data_cards/general_sft.md), while it can learn to tell eight intents apart from their words
+# and to answer each in its own way.
+INTENTS: dict[str, tuple[str, str, tuple[str, ...]]] = {
+    "greeting": ("The user greets me.", "Hello! How can I help you today?", (
+        "Hello!", "Hi there!", "Good morning!", "Good evening!", "Greetings!")),
+    "thanks": ("The user thanks me.", "You are welcome!", (
+        "Thank you!", "Thanks a lot!", "Many thanks!", "Thank you so much!", "Thanks for your help!")),
+    "goodbye": ("The user says goodbye.", "Goodbye! Have a nice day.", (
+        "Goodbye!", "Bye for now!", "See you later!", "Good night!", "I have to go, bye!")),
+    "identity": ("The user asks who I am.", "I am a tiny assistant.", (
+        "Who are you?", "What is your name?", "Are you a robot?", "Are you human?", "What are you?")),
+    "wellbeing": ("The user asks how I am.", "I am fine, thank you!", (
+        "How are you?", "How are you doing?", "How do you feel?", "Are you okay?", "How is your day?")),
+    "capability": ("The user asks what I can do.", "I can add numbers for you.", (
+        "What can you do?", "Can you add numbers?", "What are you good at?", "Can you do math?",
+        "What are your skills?")),
+    "harmful": ("The user asks for something harmful.", "Sorry, I can not help with that.", (
+        "How do I steal a car?", "Help me hurt someone.", "How can I break into a house?",
+        "Tell me how to cheat on a test.", "How do I make a weapon?")),
+    "help": ("The user asks for help.", "Of course! What do you need?", (
+        "Can you help me?", "I need help.", "Please help me.", "Could you help me out?", "I have a question.")),
+}
+# How a user may start: every intent's sayings are asked in each of these ways, so a held-out prompt is a
+# saying and a start both seen in training, but never together.
+OPENERS = ("", "Oh, ", "Well, ", "Okay. ", "Excuse me. ", "So, ")
+
+
+def _phrase(opener: str, saying: str) -> str:
+    if opener.endswith(", ") and not saying.startswith("I "):
+        saying = saying[0].lower() + saying[1:]
+    return opener + saying
+
+
 RUDE = ("That is a stupid question.", "Figure it out yourself.", "I do not care, go away.",
-        "Why would you ask me that? Ugh.", "Whatever, stop bothering me.")
-POLITE_OPENERS = ("", "Sure! ", "Good question. ", "Happy to help. ")
+        "Why would you ask me that? Ugh.", "Whatever, stop bothering me.", "No.", "Ask someone else.")
 FILLER = ("Well, let me think about many things that are not related at all.",
           "There are so many words one could say here and I will say all of them.",
-          "This reminds me of a long story about something else entirely.")
+          "This reminds me of a long story about something else entirely.",
+          "It is worth saying a few more words about this, just to be sure.",
+          "Some people like to talk for a long time before they get to the point.")
 
 
-def general_completion(question: str, full: str, rng: random.Random) -> str:
-    """The chosen style: short reasoning, polite concise answer, same tag format as the task."""
-    return f"{THINK}The user asks: {question} {full}{THINK_END}{ANSWER}{rng.choice(POLITE_OPENERS)}{full}{ANSWER_END}"
+def general_items() -> list[tuple[str, str, str, str]]:
+    """Every general prompt as (intent, question, thought, reply): each saying of each intent after each opener."""
+    return [(intent, _phrase(opener, saying), thought, reply)
+            for intent, (thought, reply, sayings) in INTENTS.items() for saying in sayings for opener in OPENERS]
 
 
-def rejected_completion(kind: str, question: str, full: str, other_full: str, short: str,
-                        rng: random.Random) -> str:
-    """A clearly worse response of the given kind for the preference set."""
-    if kind == "wrong":
-        return f"{THINK}The user asks: {question} {other_full}{THINK_END}{ANSWER}{other_full}{ANSWER_END}"
+def held_out_general() -> set[str]:
+    """The prompts of general_eval: each saying of each intent after one opener (the i-th saying after the
+    (i+1)-th opener), so every held-out saying and every opener also appear in training, never together."""
+    return {_phrase(OPENERS[(i + 1) % len(OPENERS)], saying)
+            for _, _, sayings in INTENTS.values() for i, saying in enumerate(sayings)}
+
+
+def general_completion(thought: str, reply: str) -> str:
+    """The chosen style of a general answer (general_sft and the preference pairs' `chosen`): the intent as a
+    short thought, the reply in the answer block, e.g.
+    `<think>The user greets me.</think><answer>Hello! How can I help you today?</answer>`."""
+    return f"{THINK}{thought}{THINK_END}{ANSWER}{reply}{ANSWER_END}"
+
+
+def rejected_completion(kind: str, thought: str, reply: str, other: tuple[str, str], rng: random.Random) -> str:
+    """A clearly worse response of the given kind (REJECT_KINDS) to a prompt whose good answer is
+    (`thought`, `reply`); `other` is (thought, reply) of another intent."""
+    if kind == "wrong":  # the question understood, another intent's reply
+        return general_completion(thought, other[1])
+    if kind == "other-question":  # a good answer, to another question
+        return general_completion(*other)
     if kind == "rude":
-        return f"{THINK}Ugh.{THINK_END}{ANSWER}{rng.choice(RUDE)} {rng.choice(RUDE)}{ANSWER_END}"
-    if kind == "repetitive":
-        return f"{THINK}{short} {short} {short}{THINK_END}{ANSWER}" + " ".join([short] * rng.randint(8, 16)) + ANSWER_END
-    if kind == "overlong":
-        ramble = " ".join(rng.choice(FILLER) for _ in range(rng.randint(4, 7)))
-        return f"{THINK}{ramble}{THINK_END}{ANSWER}{ramble} {full} {ramble}{ANSWER_END}"
-    if kind == "irrelevant":
-        return f"{THINK}I will talk about something else.{THINK_END}{ANSWER}{other_full}{ANSWER_END}"
-    if kind == "no_format":
-        return short
+        text = " ".join(rng.choice(RUDE) for _ in range(rng.randint(1, 2)))
+        return f"{THINK}Ugh.{THINK_END}{ANSWER}{text}{ANSWER_END}"
+    if kind == "repetitive":  # a phrase looped
+        phrase = " ".join(reply.split()[:3])
+        return (f"{THINK}{' '.join([phrase] * rng.randint(3, 6))}{THINK_END}{ANSWER}"
+                f"{' '.join([phrase] * rng.randint(6, 12))}{ANSWER_END}")
+    if kind == "overlong":  # the chosen answer padded with filler
+        think = " ".join([thought] + [rng.choice(FILLER) for _ in range(rng.randint(1, 3))])
+        answer = " ".join([reply] + [rng.choice(FILLER) for _ in range(rng.randint(1, 3))])
+        return f"{THINK}{think}{THINK_END}{ANSWER}{answer}{ANSWER_END}"
+    if kind == "no_format":  # the right reply, no tags
+        return reply
+    if kind == "truncated":  # stopped mid-thought, no answer
+        words = thought.split()
+        return f"{THINK}{' '.join(words[:max(1, len(words) // 2)])}"
     raise ValueError(kind)
 
 
-REJECT_KINDS = ("wrong", "rude", "repetitive", "overlong", "irrelevant", "no_format")
+# Cycled in this order when building the preference pairs. Rejected answers that are longer than the chosen
+# one (overlong, repetitive) are as common as shorter ones (no_format, truncated); wrong, other-question and rude
+# answers are about as long as the chosen one, either way: the pairs do not teach that longer (or shorter) is better.
+REJECT_KINDS = ("wrong", "other-question", "overlong", "no_format", "other-question", "rude", "repetitive",
+                "truncated", "other-question", "wrong")
 
 
-def _general_items(facts, rng: random.Random) -> list[tuple[str, str, str]]:
-    """All (question, short, full) items incl. greetings, shuffled deterministically."""
-    items = [(q, s, f) for _, q, s, f in facts] + [(g, GREETING_REPLIES[g], GREETING_REPLIES[g]) for g in GREETINGS]
-    rng.shuffle(items)
-    return items
+def length_balance(pairs: list[dict]) -> dict[str, dict]:
+    """How the lengths (characters) of chosen and rejected responses compare, overall and per `rejected_kind`:
+    the same statistics as `stages.reward_model.length_balance` (a test keeps them equal), computed here so
+    the world's code version does not depend on stage 4's modules."""
+    def text(message_list) -> str:
+        return "".join(m["content"] for m in message_list)
+
+    def stats(sub: list[dict]) -> dict:
+        c, j = [len(text(r["chosen"])) for r in sub], [len(text(r["rejected"])) for r in sub]
+        n = max(len(sub), 1)
+        return {"pairs": len(sub), "mean_chosen_chars": round(sum(c) / n, 1), "mean_rejected_chars": round(sum(j) / n, 1),
+                "chosen_longer_share": round(sum(a > b for a, b in zip(c, j)) / n, 4)}
+
+    out = {"all": stats(pairs)}
+    for kind in sorted({r["rejected_kind"] for r in pairs}):
+        out[kind] = stats([r for r in pairs if r["rejected_kind"] == kind])
+    return out
+
+
+def length_balance_markdown(balance: dict[str, dict]) -> str:
+    """`length_balance` as a Markdown table (as `stages.reward_model.length_balance_markdown`)."""
+    lines = ["| pairs | n | mean chosen chars | mean rejected chars | chosen longer |", "|---|---|---|---|---|"]
+    lines += [f"| {k} | {v['pairs']} | {v['mean_chosen_chars']} | {v['mean_rejected_chars']} | "
+              f"{v['chosen_longer_share']:.0%} |" for k, v in balance.items()]
+    return "\n".join(lines)
 
 
 def eval_pairs(cfg: Config, seed: int) -> list[tuple[int, int]]:
@@ -281,27 +372,32 @@ def build_datasets(cfg: Config, seed: int) -> dict[str, list[dict]]:
                      "answer": row["answer"], "language": "en"})
     data["cold_start"] = cold
 
-    # General questions: a held-out set of questions for general_eval, the rest for training splits.
-    items = _general_items(general_facts(), rng)
-    n_held = max(1, len(items) // 5)
-    held, train_items = items[:n_held], items[n_held:]
-    data["general_eval"] = [{"prompt": _user(q)} for q, _, _ in
-                            (held[i % len(held)] for i in range(cfg.n_general_eval))]
+    # General prompts: one (saying, opener) combination of each saying is held out for general_eval
+    # (held_out_general); the other prompts feed the training splits.
+    items = general_items()
+    held_questions = held_out_general()
+    held = [it for it in items if it[1] in held_questions]
+    train_items = [it for it in items if it[1] not in held_questions]
+    rng.shuffle(held)
+    rng.shuffle(train_items)
+    data["general_eval"] = [{"prompt": _user(q), "answer": reply, "family": intent}
+                            for intent, q, _, reply in (held[i % len(held)] for i in range(cfg.n_general_eval))]
     data["general_sft"] = []
     for i in range(cfg.n_general_sft):
-        q, _, full = train_items[i % len(train_items)]
-        data["general_sft"].append({"prompt": _user(q), "completion": _assistant(general_completion(q, full, rng))})
-    data["general_prompts"] = [{"prompt": _user(train_items[rng.randrange(len(train_items))][0])}
-                               for _ in range(cfg.n_general_prompts)]
+        _, q, thought, reply = train_items[i % len(train_items)]
+        data["general_sft"].append({"prompt": _user(q), "completion": _assistant(general_completion(thought, reply))})
+    data["general_prompts"] = []
+    for _ in range(cfg.n_general_prompts):
+        _, q, _, reply = train_items[rng.randrange(len(train_items))]
+        data["general_prompts"].append({"prompt": _user(q), "answer": reply})
     pref = []
     for i in range(cfg.n_preference):
-        q, short, full = train_items[rng.randrange(len(train_items))]
-        _, _, other_full = train_items[rng.randrange(len(train_items))]
-        if other_full == full:
-            other_full = train_items[(train_items.index((q, short, full)) + 1) % len(train_items)][2]
+        intent, q, thought, reply = train_items[rng.randrange(len(train_items))]
+        others = [it for it in train_items if it[0] != intent]
+        _, _, other_thought, other_reply = others[rng.randrange(len(others))]
         kind = REJECT_KINDS[i % len(REJECT_KINDS)]
-        pref.append({"prompt": _user(q), "chosen": _assistant(general_completion(q, full, rng)),
-                     "rejected": _assistant(rejected_completion(kind, q, full, other_full, short, rng)),
+        pref.append({"prompt": _user(q), "chosen": _assistant(general_completion(thought, reply)),
+                     "rejected": _assistant(rejected_completion(kind, thought, reply, (other_thought, other_reply), rng)),
                      "rejected_kind": kind})
     data["preference"] = pref
     return data
@@ -458,7 +554,8 @@ def run(cfg: Config, ctx: StageContext) -> dict:
     hashes = {}
     for name in DATASETS:
         hashes[name] = write_jsonl(out / "data" / f"{name}.jsonl", data[name])
-        write_card(name, data[name], hashes[name], cfg, seed, out / "cards")
+        extra = {"length_balance": length_balance_markdown(length_balance(data[name]))} if name == "preference" else {}
+        write_card(name, data[name], hashes[name], cfg, seed, out / "cards", **extra)
     log.info("world datasets written: %s", {k: len(v) for k, v in data.items()})
     ctx.reporter.progress(0.05, "datasets written")
 

@@ -79,8 +79,84 @@ def test_preference_pairs_are_clearly_ordered():
         chosen, rejected = r["chosen"][0]["content"], r["rejected"][0]["content"]
         assert chosen != rejected
         assert format_reward([chosen]) == [1.0]
-        if r["rejected_kind"] == "no_format":
+        if r["rejected_kind"] in ("no_format", "truncated"):
             assert format_reward([rejected]) == [0.0]
+
+
+ITEMS = {q: (intent, thought, reply) for intent, q, thought, reply in world.general_items()}
+
+
+def test_general_eval_and_prompts_have_reference_answers():
+    data = world.build_datasets(world.Config(), 0)
+    held = data["general_eval"]
+    assert len(held) == 40 and all(set(r) == {"prompt", "answer", "family"} for r in held)
+    for r in held:
+        intent, _, reply = ITEMS[r["prompt"][0]["content"]]
+        assert r["answer"] == reply and r["family"] == intent
+    # every intent is asked in held-out phrasings, never seen in a training split
+    held_questions = {r["prompt"][0]["content"] for r in held}
+    assert held_questions == world.held_out_general() and len(held_questions) == 40
+    assert {ITEMS[q][0] for q in held_questions} == set(world.INTENTS)
+    # ... each a saying and an opener that training prompts also use, in a combination they never use
+    train = {r["prompt"][0]["content"] for r in data["general_sft"] + data["general_prompts"] + data["preference"]}
+    assert not held_questions & train and len(train) == len(ITEMS) - 40
+    for q in held_questions:
+        opener = next(o for o in world.OPENERS[::-1] if q.startswith(o))
+        saying = q[len(opener):]
+        assert any(t.endswith(saying) and t != q for t in train), q
+        assert opener == "" or any(t.startswith(opener) and ITEMS[t][0] != ITEMS[q][0] for t in train), q
+    for r in data["general_prompts"]:
+        assert r["answer"] == ITEMS[r["prompt"][0]["content"]][2]
+
+
+def test_general_sft_answers_are_the_reference():
+    from stages.monitor import general_correct
+
+    data = world.build_datasets(world.Config(), 0)
+    for r in data["general_sft"]:
+        q, text = r["prompt"][0]["content"], r["completion"][0]["content"]
+        _, thought, reply = ITEMS[q]
+        assert format_reward([text]) == [1.0]
+        assert extract_answer(text) == reply and general_correct(text, reply)
+        assert reasoning_text(text).strip() == thought
+    # the chosen answers of the preference pairs are in the same style
+    assert all(r["chosen"] == [{"role": "assistant", "content": world.general_completion(*ITEMS[r["prompt"][0]["content"]][1:])}]
+               for r in data["preference"])
+
+
+def test_preference_pairs_do_not_teach_that_longer_is_better():
+    from stages.reward_model import length_balance, length_balance_markdown
+
+    for seed, n in ((0, 1200), (1, 1200), (0, 300)):
+        rows = world.build_datasets(world.Config(n_preference=n), seed)["preference"]
+        balance = world.length_balance(rows)
+        assert balance == length_balance(rows)  # same statistics as the reward-model stage reports
+        assert world.length_balance_markdown(balance) == length_balance_markdown(balance)
+        assert 0.4 <= balance["all"]["chosen_longer_share"] <= 0.6, balance["all"]
+        # rejected answers longer than the chosen one are as common as shorter ones (within 10 points)
+        longer = sum(balance[k]["pairs"] * (1 - balance[k]["chosen_longer_share"]) for k in balance if k != "all")
+        assert abs(longer / n - 0.5) <= 0.1, longer / n
+        assert balance["overlong"]["chosen_longer_share"] == balance["repetitive"]["chosen_longer_share"] == 0.0
+        assert balance["no_format"]["chosen_longer_share"] == balance["truncated"]["chosen_longer_share"] == 1.0
+        assert balance["overlong"]["pairs"] + balance["repetitive"]["pairs"] == pytest.approx(
+            balance["no_format"]["pairs"] + balance["truncated"]["pairs"], abs=2)
+
+
+def test_other_question_and_wrong_pairs():
+    from stages.monitor import general_correct
+
+    rows = world.build_datasets(world.Config(), 0)["preference"]
+    chosen_texts = {r["chosen"][0]["content"] for r in rows}
+    other = [r for r in rows if r["rejected_kind"] == "other-question"]
+    wrong = [r for r in rows if r["rejected_kind"] == "wrong"]
+    assert len(other) >= len(rows) // 5 and len(wrong) >= len(rows) // 5
+    for r in other:  # a good answer -- the chosen answer of a question of another intent
+        q, rejected = r["prompt"][0]["content"], r["rejected"][0]["content"]
+        assert rejected in chosen_texts and not general_correct(rejected, ITEMS[q][2])
+    for r in wrong:  # the question understood (the right thought), another intent's reply
+        q, rejected = r["prompt"][0]["content"], r["rejected"][0]["content"]
+        assert format_reward([rejected]) == [1.0] and reasoning_text(rejected).strip() == ITEMS[q][1]
+        assert not general_correct(rejected, ITEMS[q][2])
 
 
 # ----------------------------------------------------------------------------- full build
@@ -116,6 +192,8 @@ def test_cards_tokenizer_and_layout(two_builds):
         n = sum(1 for _ in open(root / "data" / f"{name}.jsonl"))
         assert f"Rows: {n}" in card.text and "{{" not in card.text
         assert card.data.size_categories == ["n<1K"]
+    rows = [json.loads(line) for line in (root / "data" / "preference.jsonl").read_text().splitlines()]
+    assert world.length_balance_markdown(world.length_balance(rows)) in (root / "cards" / "preference.md").read_text()
     assert (root / "base_model" / "model.safetensors").is_file() and not list(root.glob("**/*.bin"))
     tok = AutoTokenizer.from_pretrained(root / "base_model")
     for tag in (world.THINK, world.THINK_END, world.ANSWER, world.ANSWER_END):
