@@ -40,7 +40,8 @@ UPSTREAM: dict[str, list[str]] = {
 # Stages whose output is a generative model evaluated on the held-out prompts (world: its base model).
 EVALUATED = {"world": "base_model", "cold-start": "model", "reasoning-rl": "model", "rejection-sft": "model",
              "preference-rl": "model"}
-SUMMARY_KEYS = ("pass@1", "greedy_accuracy", "format_rate", "mean_completion_tokens", "rm_score")
+SUMMARY_KEYS = ("pass@1", "greedy_accuracy", "format_rate", "mean_completion_tokens", "general_accuracy",
+                "general_repetition", "rm_score")
 
 
 # The code part of a version id: every project module the stage's module imports (transitively, function-level

@@ -55,7 +55,8 @@ def test_reward_model_learns_the_tiny_world_preferences(tiny_reward_model):  # n
     metrics = json.loads((tiny_reward_model / "metrics.json").read_text())
     assert metrics["heldout_pairwise_accuracy"] >= 0.8, metrics
     assert metrics["n_heldout_pairs"] > 0 and metrics["n_train_pairs"] > metrics["n_heldout_pairs"]
-    assert set(metrics["heldout_accuracy_by_kind"]) == {"wrong", "rude", "repetitive", "overlong", "irrelevant", "no_format"}
+    assert set(metrics["heldout_accuracy_by_kind"]) == {"wrong", "other-question", "overlong", "no_format", "rude",
+                                                               "repetitive", "truncated"}
     assert metrics["history"] and "loss" in metrics["history"][0]
     model_dir = tiny_reward_model / "model"
     assert (model_dir / "model.safetensors").is_file() and not list(model_dir.glob("*.bin"))
@@ -134,8 +135,8 @@ def test_reward_model_stage_runs_the_guard_on_its_output(tiny_reward_model):  # 
     # the degenerate canaries score below the held-out chosen answer (measured: on every prompt)
     for name in ("repetition-loop", "punctuation-run", "newline-run", "padded", "gibberish"):
         assert guard["win_share"][name] >= 0.9, guard
-    # the length balance of the training pairs is reported (on the tiny world the chosen answer is longer in
-    # most pairs: only `overlong` rejections are longer)
+    # the length balance of the training pairs is reported (the tiny world balances it: `overlong` and
+    # `repetitive` rejections are longer than the chosen answer, `no_format` and `truncated` ones shorter)
     balance = metrics["length_balance"]
     assert balance["all"]["pairs"] == metrics["n_train_pairs"] and balance["overlong"]["chosen_longer_share"] == 0.0
     heldout = (tiny_reward_model / "heldout_pairs.jsonl").read_text().splitlines()
