@@ -94,6 +94,9 @@ def cmd_run(args) -> int:
 
     loaded = _load(args)
     name, _ = loaded.get(args.pipeline_name or args.pipeline)
+    preflight = _plan(args, loaded, name)  # lengths, TRL configs and memory before any stage starts
+    if preflight.problems:
+        raise UserError(*preflight.problems, f"r1flow plan {name} shows the plan; nothing was run")
     _prefect_api_ready()
     start = time.monotonic()
     if loaded.rehearse:
@@ -111,6 +114,52 @@ def cmd_run(args) -> int:
     print(_table(rows))
     print(f"pipeline {name}: {len(rows)} stages in {time.monotonic() - start:.0f} s")
     _write_summary(args.summary_json, rows)
+    return 0
+
+
+def _plan(args, loaded, name: str):
+    from pipeline.plan import plan  # noqa: PLC0415
+
+    _, pipe = loaded.get(name)
+    return plan(name, pipe, getattr(args, "device_memory_gib", None), getattr(args, "data_mirror", None),
+                check_memory=not loaded.rehearse)
+
+
+def _plan_line(problem: str) -> str:
+    """`flows.yaml: pipelines.P.stages.S.FIELD: msg` -> `P/S: FIELD: msg` (`P/eval`, `P/world` alike)."""
+    import re  # noqa: PLC0415
+
+    sections = "|".join(re.escape(s) for s in ["eval", "world", *STAGES])
+    m = re.match(rf"^.*?: pipelines\.(.+?)\.(?:stages\.)?({sections})\.(\S+): (.*)$", problem)
+    return f"{m[1]}/{m[2]}: {m[3]}: {m[4]}" if m else problem
+
+
+def cmd_plan(args) -> int:
+    """Preflight: TRL configs built for real, GRPO batches, lengths against each model's context window, chat
+    template and stop tokens, peak memory per stage against the device (pipeline/plan.py, docs/PLAN.md)."""
+    try:
+        loaded = load_config(args.flows or args.config)
+    except UserError as exc:  # validation problems, in the plan's `pipeline/stage: field: problem` form
+        raise UserError(*(_plan_line(p) for p in exc.problems)) from None
+    name = args.pipeline_name or args.pipeline or loaded.default
+    result = _plan(args, loaded, name)
+    if args.json:
+        print(json.dumps(result.as_dict(), indent=2))
+    else:
+        budget = "no budget check on cpu" if result.budget is None else f"{result.budget / 2**30:.0f} GiB per device"
+        print(f"plan of {name} ({result.device}, {budget}; GiB)")
+        print(_table(result.table()))
+        for m in result.models():
+            if m["chat_template"] is not None or m["context"]:
+                template = {True: "yes", False: "NO", None: "?"}[m["chat_template"]]
+                print(f"model {m['model']}: context {m['context'] or '?'} tokens, chat template {template}, "
+                      f"end of turn {m['end_of_turn'] or '-'}, eos {m['eos'] or '-'}")
+        for note in dict.fromkeys(result.notes):
+            print(f"note: {note}")
+    if result.problems:
+        raise UserError(*result.problems)
+    if not args.json:
+        print(f"plan of {name}: OK")
     return 0
 
 
@@ -273,6 +322,19 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--summary-json", default=None, metavar="PATH")
     s.add_argument("--rehearse", action="store_true", help=rehearse_help)
     s.set_defaults(func=cmd_run)
+
+    s = sub.add_parser("plan", help="preflight in seconds: TRL configs, lengths, chat template, peak memory per stage",
+                       description="Build every stage's TRL config, check GRPO batches and every length against the "
+                                   "model's context window, report the chat template and stop tokens, and estimate "
+                                   "each stage's peak accelerator memory (docs/PLAN.md). One line per problem, exit 2.")
+    s.add_argument("pipeline_name", nargs="?", default=None, metavar="PIPELINE")
+    s.add_argument("--flows", default=None, metavar="FILE", help="flows file (as the global --config)")
+    s.add_argument("--json", action="store_true", help="print the plan as JSON")
+    s.add_argument("--data-mirror", default=None, metavar="DIR",
+                   help="folder laid out by hub id (DIR/<org>/<name>/config.json) to read model configs from")
+    s.add_argument("--device-memory-gib", type=float, default=None, metavar="N",
+                   help="accelerator memory per device (default 80 for device: cuda; no budget check on cpu)")
+    s.set_defaults(func=cmd_plan)
 
     s = sub.add_parser("eval", help="evaluate a version's model on the held-out prompts")
     s.add_argument("version")

@@ -1,0 +1,438 @@
+"""`r1flow plan PIPELINE`: a preflight that runs in seconds, before any training (docs/PLAN.md).
+
+For every stage of a validated pipeline it
+- builds the stage's TRL config for real (`stages.common.trainer_problems`, the check `r1flow validate` runs,
+  here on the settings the stage runs with: TRL's defaults, the stage's run defaults, the `trainer:` block)
+  and checks GRPO's batch rule (`stages.common.grpo_batch_problems`);
+- checks every length (max_length, GRPO's vLLM context, vLLM max_model_len of generation, judge and
+  evaluation) against the context window of the model it applies to (`max_position_embeddings` in its
+  config.json: a local folder, `--data-mirror DIR/<org>/<name>/`, or the Hugging Face cache, never the network);
+- reports the chat template and the end-of-turn and eos tokens when a tokenizer_config.json is at hand;
+- estimates the stage's peak accelerator memory (`estimate`) against the device's memory.
+
+Every problem is one line `pipeline/stage: field: problem (expected ...)`; the CLI exits 2 on any.
+Models of the tiny world (`world:NAME`) are built by the world stage: nothing to read, nothing checked.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+GiB = 2 ** 30
+DTYPE_BYTES = {"float32": 4, "fp32": 4, "bfloat16": 2, "bf16": 2, "float16": 2, "fp16": 2}
+# What the stages load today: the policy in float32 (stages.models.load_policy; TRL's create_model_from_path also
+# defaults to float32 when GRPO/DPO are given a path), the stage-4 reward model in float32
+# (stages.reward_model.load_reward_model). A `trainer.model_init_kwargs.dtype`, or a stage field named
+# `reward_model_dtype`, overrides them.
+POLICY_DTYPE = "float32"
+REWARD_MODEL_DTYPE = "float32"
+# GRPO without vllm_max_model_length: tokens assumed for the prompt in front of max_completion_length.
+PROMPT_ALLOWANCE = 512
+# Activations per token, hidden unit and layer, in units of the compute dtype's bytes: 34 bytes at 16 bit for a
+# transformer layer whose attention scores are not stored (Korthikanti et al. 2022, flash/SDPA attention), i.e. 17
+# values; with gradient checkpointing only the layer's input (1 value) is kept, plus one layer's full set while
+# it is recomputed.
+ACTIVATION_VALUES = 17
+DEFAULT_DEVICE_MEMORY_GIB = 80.0
+
+# stage -> (TRL config class, the module constant the stage merges under `trainer:` at run time, or None)
+TRAINERS = {
+    "cold-start": ("SFTConfig", None),
+    "reasoning-rl": ("GRPOConfig", None),
+    "rejection-sft": ("SFTConfig", None),
+    "reward-model": ("RewardConfig", "TRAINER_DEFAULTS"),
+    "preference-rl": ("GRPOConfig", "GRPO_DEFAULTS"),
+}
+
+
+# ------------------------------------------------------------------------------------------ models
+
+
+@dataclasses.dataclass
+class ModelInfo:
+    """What the plan knows of a model reference: its size and shape (from config.json), context window and
+    chat-template facts (from tokenizer_config.json). `note` says why something is unknown."""
+
+    ref: str
+    params: int | None = None
+    hidden: int = 0
+    layers: int = 0
+    vocab: int = 0
+    context: int | None = None
+    chat_template: bool | None = None
+    end_of_turn: str | None = None
+    eos: str | None = None
+    note: str = ""
+
+
+def param_count(config: dict[str, Any], head: str = "lm") -> int:
+    """Parameters of a decoder-only transformer (Llama/Qwen2/Mistral layout) from its config.json: embeddings,
+    per layer attention (q, k, v, o; q/k/v biases for Qwen2 or `attention_bias`), gated MLP (3 matrices) and two
+    RMSNorms, a final norm, and the head: `lm` (vocab x hidden, none when tie_word_embeddings) or `score`
+    (a sequence classifier's num_labels x hidden)."""
+    h, inter, n_layers = config["hidden_size"], config["intermediate_size"], config["num_hidden_layers"]
+    vocab, heads = config["vocab_size"], config["num_attention_heads"]
+    kv_heads = config.get("num_key_value_heads") or heads
+    head_dim = config.get("head_dim") or h // heads
+    q, kv = heads * head_dim, kv_heads * head_dim
+    bias = config.get("attention_bias", config.get("model_type") == "qwen2")
+    attention = h * q + 2 * h * kv + q * h + ((q + 2 * kv) if bias else 0)
+    if config.get("model_type") == "qwen3":
+        attention += 2 * head_dim  # q_norm and k_norm
+    layer = attention + 3 * h * inter + 2 * h
+    if head == "score":
+        head_params = config.get("num_labels") or len(config.get("id2label") or {}) or 1
+        head_params *= h
+    else:
+        head_params = 0 if config.get("tie_word_embeddings", False) else vocab * h
+    return vocab * h + n_layers * layer + h + head_params
+
+
+def _model_dir(ref: str, data_mirror: str | Path | None) -> Path | None:
+    """The folder holding `ref`'s config.json: a local folder, the mirror's `<org>/<name>/`, or the HF cache
+    (offline)."""
+    local = Path(ref).expanduser()
+    if (local / "config.json").is_file():
+        return local
+    if data_mirror and (Path(data_mirror) / ref / "config.json").is_file():
+        return Path(data_mirror) / ref
+    try:
+        from huggingface_hub import try_to_load_from_cache  # noqa: PLC0415  (reads the cache, never the network)
+
+        hit = try_to_load_from_cache(ref, "config.json")
+    except Exception:  # noqa: BLE001  (not a valid repo id, no cache)
+        return None
+    return Path(hit).parent if isinstance(hit, str) else None
+
+
+def _chat_facts(folder: Path) -> tuple[bool | None, str | None, str | None]:
+    """(chat template present, end-of-turn token, eos token) from tokenizer_config.json, or Nones. The end of
+    turn is the added token the template writes right after an assistant message (stages.models.end_of_turn_ids
+    does the same on a loaded tokenizer)."""
+    path = folder / "tokenizer_config.json"
+    if not path.is_file():
+        return None, None, None
+    tc = json.loads(path.read_text())
+    eos = tc.get("eos_token")
+    eos = eos.get("content") if isinstance(eos, dict) else eos
+    template = tc.get("chat_template")
+    if template is None and (folder / "chat_template.jinja").is_file():
+        template = (folder / "chat_template.jinja").read_text()
+    if isinstance(template, list):  # named templates: the default one
+        template = next((t.get("template") for t in template if t.get("name") == "default"), None)
+    if not template:
+        return False, None, eos
+    added = sorted((t.get("content", "") for t in (tc.get("added_tokens_decoder") or {}).values()), key=len,
+                   reverse=True)
+    end = None
+    try:
+        from jinja2.ext import loopcontrols  # noqa: PLC0415
+        from jinja2.sandbox import ImmutableSandboxedEnvironment  # noqa: PLC0415
+
+        def raise_exception(message):
+            raise ValueError(message)
+
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
+        env.globals["raise_exception"] = raise_exception
+        marker = "R1FLOW_END_OF_CONTENT"
+        text = env.from_string(template).render(
+            messages=[{"role": "user", "content": "q"}, {"role": "assistant", "content": marker}],
+            add_generation_prompt=False, bos_token="", eos_token=eos or "")
+        tail = text.split(marker, 1)[1].lstrip(" ") if marker in text else ""
+        end = next((t for t in added if t and tail.startswith(t)), None)
+    except Exception:  # noqa: BLE001  (a template this small renderer cannot run: report what is known)
+        pass
+    return True, end, eos
+
+
+def read_model(ref: str, data_mirror: str | Path | None = None, head: str = "lm") -> ModelInfo:
+    """ModelInfo of a model reference (`head="score"` for a reward model)."""
+    if ref.startswith("world:"):
+        return ModelInfo(ref, note="built by the world stage")
+    folder = _model_dir(ref, data_mirror)
+    if folder is None:
+        return ModelInfo(ref, note="config.json not found (local folder, --data-mirror or HF cache): not checked")
+    config = json.loads((folder / "config.json").read_text())
+    config = config.get("text_config", config)
+    try:
+        params = param_count(config, head)
+    except (KeyError, TypeError):
+        return ModelInfo(ref, context=config.get("max_position_embeddings"),
+                         note="config.json lacks the fields of a decoder-only transformer: memory not estimated")
+    template, end, eos = _chat_facts(folder)
+    return ModelInfo(ref, params, config["hidden_size"], config["num_hidden_layers"], config["vocab_size"],
+                     config.get("max_position_embeddings"), template, end, eos)
+
+
+# ------------------------------------------------------------------------------------------ memory
+
+
+def dtype_bytes(dtype: str | None) -> int:
+    return DTYPE_BYTES.get(str(dtype).replace("torch.", ""), 4)
+
+
+def estimate(model: ModelInfo, *, dtype: str = "float32", mixed_precision: bool = False, batch: int = 1,
+             seq: int = 1, checkpointing: bool = False, train: bool = True, ref: ModelInfo | None = None,
+             ref_dtype: str | None = None, rm: ModelInfo | None = None, rm_dtype: str = "float32",
+             vllm_bytes: float = 0) -> dict[str, float]:
+    """Peak accelerator bytes of one training stage, by part (docs/PLAN.md has the formula and its sources).
+
+    weights: P x bytes(dtype), plus a 16-bit copy (2 B/param) that autocast makes of float32 weights under
+      mixed precision; grads: P x bytes(dtype); optimizer: AdamW's two float32 moments (8 B/param), plus a
+      float32 master copy (4 B/param) when 16-bit weights train in mixed precision; ref: the reference model's
+      weights; rm: the reward model's weights; vllm: the colocated engine's share;
+    activations: batch x seq x hidden x layers x compute bytes x 17 (1 with gradient checkpointing, plus one
+      layer's 17 while it is recomputed), plus the float32 logits of the micro-batch (batch x seq x vocab x 4)."""
+    p, b = model.params or 0, dtype_bytes(dtype)
+    compute = 2 if mixed_precision else b
+    weights = p * b + (2 * p if mixed_precision and b == 4 and train else 0)
+    grads = p * b if train else 0
+    optimizer = (8 * p + (4 * p if mixed_precision and b < 4 else 0)) if train else 0
+    tokens = batch * seq
+    per_layer = tokens * model.hidden * compute
+    if checkpointing:
+        activations = per_layer * (model.layers + ACTIVATION_VALUES)
+    else:
+        activations = per_layer * model.layers * ACTIVATION_VALUES
+    activations += tokens * model.vocab * 4
+    parts = {"weights": weights, "grads": grads, "optimizer": optimizer,
+             "ref": (ref.params or 0) * dtype_bytes(ref_dtype or dtype) if ref else 0,
+             "rm": (rm.params or 0) * dtype_bytes(rm_dtype) if rm else 0,
+             "vllm": int(vllm_bytes), "activations": activations if train else 0}
+    parts["total"] = sum(parts.values())
+    return parts
+
+
+# ------------------------------------------------------------------------------------------ the plan
+
+
+def _effective_args(stage: str, cfg) -> tuple[str, dict[str, Any], dict[str, Any]]:
+    """(TRL class, run defaults, `trainer:` block) the stage builds its config from."""
+    from pipeline.config import stage_module  # noqa: PLC0415
+
+    trl_class, defaults_name = TRAINERS[stage]
+    module = stage_module(stage)
+    if stage == "preference-rl" and cfg.mode == "dpo":
+        return "DPOConfig", dict(getattr(module, "DPO_DEFAULTS", {})), dict(cfg.dpo_trainer)
+    return trl_class, dict(getattr(module, defaults_name, {}) if defaults_name else {}), dict(cfg.trainer)
+
+
+def _trl_defaults(trl_class: str) -> dict[str, Any]:
+    import trl  # noqa: PLC0415
+
+    return {f.name: f.default for f in dataclasses.fields(getattr(trl, trl_class))
+            if f.default is not dataclasses.MISSING}
+
+
+class Plan:
+    """The plan of one pipeline: rows (one per training stage) and problems (one line each)."""
+
+    def __init__(self, name: str, pipe, device_memory_gib: float | None = None, data_mirror: str | None = None,
+                 check_memory: bool = True):
+        self.name, self.pipe = name, pipe
+        self.data_mirror = data_mirror or getattr(pipe, "data_mirror", None)  # a flows.yaml setting, once it exists
+        self.device = pipe.device
+        self.budget = (None if self.device == "cpu" or not check_memory
+                       else (device_memory_gib or DEFAULT_DEVICE_MEMORY_GIB) * GiB)
+        self.rows: list[dict[str, Any]] = []
+        self.problems: list[str] = []
+        self.notes: list[str] = []
+        self._models: dict[tuple[str, str], ModelInfo] = {}
+
+    # -- helpers
+    def model(self, ref: str, head: str = "lm") -> ModelInfo:
+        if (ref, head) not in self._models:
+            info = read_model(ref, self.data_mirror, head)
+            self._models[(ref, head)] = info
+            if info.note:
+                self.notes.append(f"{ref}: {info.note}")
+            elif info.chat_template and info.end_of_turn and info.end_of_turn != info.eos:
+                self.notes.append(f"{ref}: its chat template ends a turn with {info.end_of_turn}, its eos is "
+                                  f"{info.eos}: generation must stop at both (stages.models.align_generation_config)")
+            elif info.chat_template and not info.end_of_turn:
+                self.notes.append(f"{ref}: no end-of-turn token found after an assistant turn of its chat template")
+        return self._models[(ref, head)]
+
+    def problem(self, where: str, field: str, text: str) -> None:
+        self.problems.append(f"{self.name}/{where}: {field}: {text}")
+
+    def length(self, where: str, field: str, tokens: int | None, model: ModelInfo, what: str = "tokens") -> None:
+        """`tokens` must fit `model`'s context window."""
+        if tokens is not None and model.context and tokens > model.context:
+            self.problem(where, field, f"{tokens} {what} exceed the context window of {model.ref} "
+                                       f"(expected <= {model.context}, its max_position_embeddings)")
+
+    def generation(self, where: str, field: str, gen, model: ModelInfo) -> None:
+        """A stages.generation.GenerationConfig (or eval config): vLLM's max_model_len fits the model and leaves
+        room for a prompt in front of max_new_tokens."""
+        if getattr(gen, "backend", "vllm") != "vllm" or getattr(gen, "max_model_len", None) is None:
+            return
+        self.length(where, f"{field}.max_model_len", gen.max_model_len, model)
+        if gen.max_new_tokens >= gen.max_model_len:
+            self.problem(where, f"{field}.max_new_tokens", f"{gen.max_new_tokens} leaves no room for the prompt in "
+                                                          f"max_model_len (expected < {gen.max_model_len})")
+        share = getattr(gen, "gpu_memory_utilization", None)
+        if self.budget and share and model.params:
+            weights = model.params * dtype_bytes(getattr(gen, "dtype", "bfloat16"))
+            if weights >= share * self.budget:
+                self.problem(where, f"{field}.gpu_memory_utilization",
+                             f"vLLM's share, {share} x {self.budget / GiB:.0f} GiB, cannot hold the "
+                             f"{weights / GiB:.1f} GiB of {model.ref}'s weights in {gen.dtype} and a KV cache "
+                             f"(expected more than {weights / self.budget:.2f}, or dtype bfloat16)")
+
+    # -- the plan
+    def build(self) -> "Plan":
+        pipe = self.pipe
+        base = pipe.base_model
+        self.model(base)
+        self.generation("eval", "eval", pipe.eval, self.model(base))
+        for stage in pipe.enabled_stages():
+            if stage != "world":
+                self.stage(stage, pipe.stage_config(stage))
+        return self
+
+    def policy_ref(self, stage: str, cfg) -> str:
+        if stage == "reward-model":
+            return cfg.model
+        return getattr(cfg, "model", None) or self.pipe.base_model  # later stages keep the base's architecture
+
+    def stage(self, stage: str, cfg) -> None:
+        from stages.common import trainer_problems  # noqa: PLC0415
+
+        trl_class, run_defaults, block = _effective_args(stage, cfg)
+        field = "dpo_trainer" if trl_class == "DPOConfig" else "trainer"
+        for key, text in trainer_problems(trl_class, block, run_defaults):
+            self.problem(stage, f"{field}.{key}" if key else field, text)
+        args = {**_trl_defaults(trl_class), **run_defaults, **block}
+        head = "score" if stage == "reward-model" else "lm"
+        model = self.model(self.policy_ref(stage, cfg), head)
+        grpo = trl_class == "GRPOConfig"
+
+        if grpo:
+            vllm_len = args.get("vllm_max_model_length")
+            self.length(stage, f"{field}.vllm_max_model_length", vllm_len, model)
+            prompt = args.get("max_prompt_length")  # older TRL releases have it
+            if prompt is not None:
+                self.length(stage, f"{field}.max_prompt_length + max_completion_length",
+                            prompt + args["max_completion_length"], model)
+            elif vllm_len is not None and args["max_completion_length"] >= vllm_len:
+                self.problem(stage, f"{field}.max_completion_length",
+                             f"{args['max_completion_length']} leaves no room for the prompt in vllm_max_model_length "
+                             f"(expected < {vllm_len})")
+            else:
+                self.length(stage, f"{field}.max_completion_length", args["max_completion_length"], model)
+            seq = vllm_len or (prompt or PROMPT_ALLOWANCE) + args["max_completion_length"]
+        else:
+            self.length(stage, f"{field}.max_length", args.get("max_length"), model)
+            seq = args.get("max_length") or 1024
+
+        rm = rm_dtype = None
+        if stage == "rejection-sft":
+            self.generation(stage, "generation", cfg.generation, model)
+            if cfg.judge is not None:
+                self.generation(stage, "judge.generation", cfg.judge.generation, self.model(cfg.judge.model))
+        if stage == "preference-rl":
+            self.generation(stage, "eval_generation", cfg.eval_generation, model)
+            rm_ref = cfg.reward_model or self._reward_model_stage_ref()
+            if rm_ref:
+                rm = self.model(rm_ref, "score")
+                rm_dtype = getattr(cfg, "reward_model_dtype", None) or REWARD_MODEL_DTYPE
+            if cfg.mode == "dpo":
+                self.generation(stage, "dpo.generation", cfg.dpo.generation, model)
+
+        dtype = (args.get("model_init_kwargs") or {}).get("dtype") or POLICY_DTYPE
+        mixed = bool(args.get("bf16") or args.get("fp16"))
+        batch = args.get("per_device_train_batch_size") or 1
+        if trl_class == "DPOConfig":
+            batch *= 2  # chosen and rejected
+        beta = args.get("beta", 0) if trl_class in ("GRPOConfig", "DPOConfig") else 0
+        colocated = grpo and args.get("use_vllm") and args.get("vllm_mode") == "colocate" and self.device == "cuda"
+        vllm = (args.get("vllm_gpu_memory_utilization") or 0) * self.budget if colocated and self.budget else 0
+        row: dict[str, Any] = {"stage": stage, "model": model.ref, "params": model.params, "dtype": dtype}
+        if model.params:
+            parts = estimate(model, dtype=dtype, mixed_precision=mixed, batch=batch, seq=seq,
+                             checkpointing=bool(args.get("gradient_checkpointing")),
+                             ref=model if beta and beta > 0 else None, rm=rm, rm_dtype=rm_dtype or "float32",
+                             vllm_bytes=vllm)
+            row.update(parts)
+            row["rm_dtype"] = rm_dtype if rm else None
+            row["budget"] = self.budget
+            row["fits"] = None if self.budget is None else parts["total"] <= self.budget
+            if row["fits"] is False:
+                self.problem(stage, *self._advice(stage, field, args, parts, rm_dtype))
+        else:
+            row["fits"] = None
+        if model.chat_template is False:
+            self.problem(stage, "model", f"{model.ref} has no chat template (expected one in its tokenizer_config.json: "
+                                         f"every stage renders conversations with the model's own template)")
+        self.rows.append(row)
+
+    def _reward_model_stage_ref(self) -> str | None:
+        cfg = self.pipe.stage_config("reward-model")
+        return cfg.model if cfg is not None else None
+
+    def _advice(self, stage: str, field: str, args: dict, parts: dict, rm_dtype: str | None) -> tuple[str, str]:
+        """(field to change, the over-budget line) naming the largest part that a setting can shrink."""
+        need = f"needs {parts['total'] / GiB:.1f} GiB of the device's {self.budget / GiB:.0f} GiB"
+        options = []
+        if parts["rm"] and dtype_bytes(rm_dtype) == 4:
+            options.append((parts["rm"] / 2, "reward_model",
+                            f"the float32 reward model takes {parts['rm'] / GiB:.1f} GiB: load it in bfloat16 "
+                            f"(stages.reward_model.load_reward_model loads float32)"))
+        if parts["vllm"]:
+            options.append((parts["vllm"] / 2, f"{field}.vllm_gpu_memory_utilization",
+                            f"the colocated vLLM share takes {parts['vllm'] / GiB:.1f} GiB: lower it"))
+        if parts["activations"]:
+            if not args.get("gradient_checkpointing"):
+                options.append((parts["activations"] * 0.8, f"{field}.gradient_checkpointing",
+                                f"activations take {parts['activations'] / GiB:.1f} GiB: set it to true"))
+            options.append((parts["activations"] / 2, f"{field}.per_device_train_batch_size",
+                            f"activations take {parts['activations'] / GiB:.1f} GiB: halve it and double "
+                            f"gradient_accumulation_steps"))
+        if parts["ref"]:
+            options.append((parts["ref"], f"{field}.beta", f"the reference model takes {parts['ref'] / GiB:.1f} GiB: "
+                                                           f"beta 0 drops it"))
+        if not options:
+            return "memory", f"{need} (expected <= {self.budget / GiB:.0f} GiB: a smaller model or a larger device)"
+        _, where, how = max(options, key=lambda o: o[0])
+        return where, f"{need}; {how} (expected <= {self.budget / GiB:.0f} GiB)"
+
+    # -- output
+    def models(self) -> list[dict[str, Any]]:
+        """Every model the plan read: size, context window, chat template and stop tokens."""
+        return [{"model": m.ref, "head": head, "params": m.params, "context": m.context,
+                 "chat_template": m.chat_template, "end_of_turn": m.end_of_turn, "eos": m.eos, "note": m.note}
+                for (_, head), m in self._models.items()]
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"pipeline": self.name, "device": self.device,
+                "device_memory_gib": None if self.budget is None else self.budget / GiB,
+                "stages": self.rows, "models": self.models(), "problems": self.problems, "notes": self.notes}
+
+    def table(self) -> list[dict[str, str]]:
+        def gib(v):
+            return "" if v is None else f"{v / GiB:.1f}"
+
+        out = []
+        for r in self.rows:
+            known = r.get("params") is not None
+            out.append({
+                "stage": r["stage"], "model": r["model"],
+                "params": f"{r['params'] / 1e9:.2f}B" if known and r["params"] >= 1e8 else
+                          (f"{r['params'] / 1e6:.1f}M" if known else "?"),
+                "dtype": r["dtype"] if known else "",
+                **{k: gib(r.get(k)) for k in ("weights", "grads", "optimizer", "ref", "rm", "vllm", "activations",
+                                              "total", "budget")},
+                "fits": {True: "yes", False: "NO", None: "-"}[r["fits"]],
+            })
+        return out
+
+
+def plan(name: str, pipe, device_memory_gib: float | None = None, data_mirror: str | None = None,
+         check_memory: bool = True) -> Plan:
+    """The plan of pipeline `name` (a validated PipelineConfig); `check_memory=False` (a rehearsal, which runs a
+    few steps wherever it is started) estimates memory without a budget."""
+    return Plan(name, pipe, device_memory_gib, data_mirror, check_memory).build()
