@@ -31,11 +31,12 @@ POLICY_DTYPE = "float32"
 REWARD_MODEL_DTYPE = "float32"
 # GRPO without vllm_max_model_length: tokens assumed for the prompt in front of max_completion_length.
 PROMPT_ALLOWANCE = 512
-# Activations per token, hidden unit and layer, in units of the compute dtype's bytes: 34 bytes at 16 bit for a
-# transformer layer whose attention scores are not stored (Korthikanti et al. 2022, flash/SDPA attention), i.e. 17
-# values; with gradient checkpointing only the layer's input (1 value) is kept, plus one layer's full set while
-# it is recomputed.
-ACTIVATION_VALUES = 17
+# Activations kept for the backward pass, per token and layer, in values of the compute dtype (docs/PLAN.md):
+# attention and norms 8.5 x hidden (Korthikanti et al. 2022's 11 + 4 bytes x hidden at 16 bit without the score
+# matrix, as flash/SDPA attention keeps none, plus the MLP's input) and a SwiGLU MLP's gate, up, activation and
+# product, 4 x intermediate. With gradient checkpointing a layer keeps only its input (1 x hidden), plus one
+# layer's full set while it is recomputed.
+ATTENTION_VALUES, MLP_VALUES = 8.5, 4
 DEFAULT_DEVICE_MEMORY_GIB = 80.0
 
 # stage -> (TRL config class, the module constant the stage merges under `trainer:` at run time, or None)
@@ -59,6 +60,7 @@ class ModelInfo:
     ref: str
     params: int | None = None
     hidden: int = 0
+    intermediate: int = 0
     layers: int = 0
     vocab: int = 0
     context: int | None = None
@@ -163,8 +165,8 @@ def read_model(ref: str, data_mirror: str | Path | None = None, head: str = "lm"
         return ModelInfo(ref, context=config.get("max_position_embeddings"),
                          note="config.json lacks the fields of a decoder-only transformer: memory not estimated")
     template, end, eos = _chat_facts(folder)
-    return ModelInfo(ref, params, config["hidden_size"], config["num_hidden_layers"], config["vocab_size"],
-                     config.get("max_position_embeddings"), template, end, eos)
+    return ModelInfo(ref, params, config["hidden_size"], config["intermediate_size"], config["num_hidden_layers"],
+                     config["vocab_size"], config.get("max_position_embeddings"), template, end, eos)
 
 
 # ------------------------------------------------------------------------------------------ memory
@@ -184,20 +186,18 @@ def estimate(model: ModelInfo, *, dtype: str = "float32", mixed_precision: bool 
       mixed precision; grads: P x bytes(dtype); optimizer: AdamW's two float32 moments (8 B/param), plus a
       float32 master copy (4 B/param) when 16-bit weights train in mixed precision; ref: the reference model's
       weights; rm: the reward model's weights; vllm: the colocated engine's share;
-    activations: batch x seq x hidden x layers x compute bytes x 17 (1 with gradient checkpointing, plus one
-      layer's 17 while it is recomputed), plus the float32 logits of the micro-batch (batch x seq x vocab x 4)."""
+    activations: batch x seq x layers x compute bytes x (8.5 x hidden + 4 x intermediate); with gradient
+      checkpointing batch x seq x compute bytes x (layers x hidden + one layer's full set); plus the float32
+      logits of the micro-batch (batch x seq x vocab x 4)."""
     p, b = model.params or 0, dtype_bytes(dtype)
     compute = 2 if mixed_precision else b
     weights = p * b + (2 * p if mixed_precision and b == 4 and train else 0)
     grads = p * b if train else 0
     optimizer = (8 * p + (4 * p if mixed_precision and b < 4 else 0)) if train else 0
     tokens = batch * seq
-    per_layer = tokens * model.hidden * compute
-    if checkpointing:
-        activations = per_layer * (model.layers + ACTIVATION_VALUES)
-    else:
-        activations = per_layer * model.layers * ACTIVATION_VALUES
-    activations += tokens * model.vocab * 4
+    layer = ATTENTION_VALUES * model.hidden + MLP_VALUES * model.intermediate
+    kept = model.layers * model.hidden + layer if checkpointing else model.layers * layer
+    activations = int(tokens * compute * kept) + tokens * model.vocab * 4
     parts = {"weights": weights, "grads": grads, "optimizer": optimizer,
              "ref": (ref.params or 0) * dtype_bytes(ref_dtype or dtype) if ref else 0,
              "rm": (rm.params or 0) * dtype_bytes(rm_dtype) if rm else 0,

@@ -80,8 +80,8 @@ def test_param_counts_of_the_recipes_models():
 # ------------------------------------------------------------------------------------ estimate
 
 
-def shape(params=1_000_000_000, hidden=1024, layers=16, vocab=32000) -> ModelInfo:
-    return ModelInfo("m", params, hidden, layers, vocab, 4096)
+def shape(params=1_000_000_000, hidden=1024, intermediate=4096, layers=16, vocab=32000) -> ModelInfo:
+    return ModelInfo("m", params, hidden, intermediate, layers, vocab, 4096)
 
 
 def test_float32_adam_is_16_bytes_per_parameter():
@@ -116,8 +116,9 @@ def test_activations_and_what_checkpointing_saves():
     logits = tokens * m.vocab * 4
     full = estimate(m, mixed_precision=True, batch=4, seq=2048)["activations"]
     ckpt = estimate(m, mixed_precision=True, batch=4, seq=2048, checkpointing=True)["activations"]
-    assert full == tokens * m.hidden * 2 * m.layers * 17 + logits
-    assert ckpt == tokens * m.hidden * 2 * (m.layers + 17) + logits
+    layer = 8.5 * m.hidden + 4 * m.intermediate  # values kept per token and layer
+    assert full == tokens * 2 * m.layers * layer + logits
+    assert ckpt == tokens * 2 * (m.layers * m.hidden + layer) + logits
     assert ckpt < full
     # without mixed precision activations are float32: twice the bytes
     assert estimate(m, batch=4, seq=2048)["activations"] - logits == 2 * (full - logits)
