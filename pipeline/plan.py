@@ -159,6 +159,9 @@ def read_model(ref: str, data_mirror: str | Path | None = None, head: str = "lm"
         return ModelInfo(ref, note="config.json not found (local folder, --data-mirror or HF cache): not checked")
     config = json.loads((folder / "config.json").read_text())
     config = config.get("text_config", config)
+    if any(config.get(k) for k in ("num_experts", "num_local_experts", "n_routed_experts")):
+        return ModelInfo(ref, context=config.get("max_position_embeddings"),
+                         note="a mixture of experts: memory not estimated (the count assumes one dense MLP per layer)")
     try:
         params = param_count(config, head)
     except (KeyError, TypeError):
@@ -235,8 +238,8 @@ class Plan:
         self.name, self.pipe = name, pipe
         self.data_mirror = data_mirror or getattr(pipe, "data_mirror", None)  # a flows.yaml setting, once it exists
         self.device = pipe.device
-        self.budget = (None if self.device == "cpu" or not check_memory
-                       else (device_memory_gib or DEFAULT_DEVICE_MEMORY_GIB) * GiB)
+        memory = device_memory_gib or getattr(pipe, "device_memory_gib", None) or DEFAULT_DEVICE_MEMORY_GIB
+        self.budget = None if self.device == "cpu" or not check_memory else memory * GiB
         self.rows: list[dict[str, Any]] = []
         self.problems: list[str] = []
         self.notes: list[str] = []
@@ -274,13 +277,13 @@ class Plan:
         if gen.max_new_tokens >= gen.max_model_len:
             self.problem(where, f"{field}.max_new_tokens", f"{gen.max_new_tokens} leaves no room for the prompt in "
                                                           f"max_model_len (expected < {gen.max_model_len})")
-        share = getattr(gen, "gpu_memory_utilization", None)
+        share, dtype = getattr(gen, "gpu_memory_utilization", None), getattr(gen, "dtype", "auto")
         if self.budget and share and model.params:
-            weights = model.params * dtype_bytes(getattr(gen, "dtype", "bfloat16"))
+            weights = model.params * dtype_bytes(dtype)
             if weights >= share * self.budget:
                 self.problem(where, f"{field}.gpu_memory_utilization",
                              f"vLLM's share, {share} x {self.budget / GiB:.0f} GiB, cannot hold the "
-                             f"{weights / GiB:.1f} GiB of {model.ref}'s weights in {gen.dtype} and a KV cache "
+                             f"{weights / GiB:.1f} GiB of {model.ref}'s weights in {dtype} and a KV cache "
                              f"(expected more than {weights / self.budget:.2f}, or dtype bfloat16)")
 
     # -- the plan
@@ -300,6 +303,7 @@ class Plan:
         return getattr(cfg, "model", None) or self.pipe.base_model  # later stages keep the base's architecture
 
     def stage(self, stage: str, cfg) -> None:
+        """One stage: its TRL config, lengths, generation settings, chat template and memory (a row)."""
         from stages.common import trainer_problems  # noqa: PLC0415
 
         trl_class, run_defaults, block = _effective_args(stage, cfg)
@@ -307,28 +311,8 @@ class Plan:
         for key, text in trainer_problems(trl_class, block, run_defaults):
             self.problem(stage, f"{field}.{key}" if key else field, text)
         args = {**_trl_defaults(trl_class), **run_defaults, **block}
-        head = "score" if stage == "reward-model" else "lm"
-        model = self.model(self.policy_ref(stage, cfg), head)
-        grpo = trl_class == "GRPOConfig"
-
-        if grpo:
-            vllm_len = args.get("vllm_max_model_length")
-            self.length(stage, f"{field}.vllm_max_model_length", vllm_len, model)
-            prompt = args.get("max_prompt_length")  # older TRL releases have it
-            if prompt is not None:
-                self.length(stage, f"{field}.max_prompt_length + max_completion_length",
-                            prompt + args["max_completion_length"], model)
-            elif vllm_len is not None and args["max_completion_length"] >= vllm_len:
-                self.problem(stage, f"{field}.max_completion_length",
-                             f"{args['max_completion_length']} leaves no room for the prompt in vllm_max_model_length "
-                             f"(expected < {vllm_len})")
-            else:
-                self.length(stage, f"{field}.max_completion_length", args["max_completion_length"], model)
-            seq = vllm_len or (prompt or PROMPT_ALLOWANCE) + args["max_completion_length"]
-        else:
-            self.length(stage, f"{field}.max_length", args.get("max_length"), model)
-            seq = args.get("max_length") or 1024
-
+        model = self.model(self.policy_ref(stage, cfg), "score" if stage == "reward-model" else "lm")
+        seq = self.trainer_lengths(stage, field, trl_class, args, model)
         rm = rm_dtype = None
         if stage == "rejection-sft":
             self.generation(stage, "generation", cfg.generation, model)
@@ -336,45 +320,61 @@ class Plan:
                 self.generation(stage, "judge.generation", cfg.judge.generation, self.model(cfg.judge.model))
         if stage == "preference-rl":
             self.generation(stage, "eval_generation", cfg.eval_generation, model)
+            if cfg.mode == "dpo":
+                self.generation(stage, "dpo.generation", cfg.dpo.generation, model)
             rm_ref = cfg.reward_model or self._reward_model_stage_ref()
             if rm_ref:
                 rm = self.model(rm_ref, "score")
                 rm_dtype = getattr(cfg, "reward_model_dtype", None) or REWARD_MODEL_DTYPE
-            if cfg.mode == "dpo":
-                self.generation(stage, "dpo.generation", cfg.dpo.generation, model)
-
-        dtype = (args.get("model_init_kwargs") or {}).get("dtype") or POLICY_DTYPE
-        mixed = bool(args.get("bf16") or args.get("fp16"))
-        batch = args.get("per_device_train_batch_size") or 1
-        if trl_class == "DPOConfig":
-            batch *= 2  # chosen and rejected
-        beta = args.get("beta", 0) if trl_class in ("GRPOConfig", "DPOConfig") else 0
-        colocated = grpo and args.get("use_vllm") and args.get("vllm_mode") == "colocate" and self.device == "cuda"
-        vllm = (args.get("vllm_gpu_memory_utilization") or 0) * self.budget if colocated and self.budget else 0
-        row: dict[str, Any] = {"stage": stage, "model": model.ref, "params": model.params, "dtype": dtype}
-        if model.params:
-            parts = estimate(model, dtype=dtype, mixed_precision=mixed, batch=batch, seq=seq,
-                             checkpointing=bool(args.get("gradient_checkpointing")),
-                             ref=model if beta and beta > 0 else None, rm=rm, rm_dtype=rm_dtype or "float32",
-                             vllm_bytes=vllm)
-            row.update(parts)
-            row["rm_dtype"] = rm_dtype if rm else None
-            row["budget"] = self.budget
-            row["fits"] = None if self.budget is None else parts["total"] <= self.budget
-            if row["fits"] is False:
-                self.problem(stage, *self._advice(stage, field, args, parts, rm_dtype))
-        else:
-            row["fits"] = None
         if model.chat_template is False:
             self.problem(stage, "model", f"{model.ref} has no chat template (expected one in its tokenizer_config.json: "
                                          f"every stage renders conversations with the model's own template)")
-        self.rows.append(row)
+        self.rows.append(self.memory(stage, field, trl_class, args, model, seq, rm, rm_dtype))
+
+    def trainer_lengths(self, stage: str, field: str, trl_class: str, args: dict, model: ModelInfo) -> int:
+        """Check the trainer's lengths against `model`'s window; returns the sequence length a micro-batch holds."""
+        if trl_class != "GRPOConfig":
+            self.length(stage, f"{field}.max_length", args.get("max_length"), model)
+            return args.get("max_length") or 1024
+        vllm_len, completion = args.get("vllm_max_model_length"), args["max_completion_length"]
+        prompt = args.get("max_prompt_length")  # older TRL releases have it
+        self.length(stage, f"{field}.vllm_max_model_length", vllm_len, model)
+        if prompt is not None:
+            self.length(stage, f"{field}.max_prompt_length + max_completion_length", prompt + completion, model)
+        elif vllm_len is not None and completion >= vllm_len:
+            self.problem(stage, f"{field}.max_completion_length", f"{completion} leaves no room for the prompt in "
+                                                                 f"vllm_max_model_length (expected < {vllm_len})")
+        else:
+            self.length(stage, f"{field}.max_completion_length", completion, model)
+        return vllm_len or (prompt or PROMPT_ALLOWANCE) + completion
+
+    def memory(self, stage: str, field: str, trl_class: str, args: dict, model: ModelInfo, seq: int,
+               rm: ModelInfo | None, rm_dtype: str | None) -> dict[str, Any]:
+        """The stage's row: its memory estimate against the budget (a problem when over it)."""
+        dtype = (args.get("model_init_kwargs") or {}).get("dtype") or POLICY_DTYPE
+        row: dict[str, Any] = {"stage": stage, "model": model.ref, "params": model.params, "dtype": dtype,
+                               "fits": None}
+        if not model.params:
+            return row
+        beta = args.get("beta", 0) if trl_class in ("GRPOConfig", "DPOConfig") else 0
+        colocated = (trl_class == "GRPOConfig" and args.get("use_vllm") and args.get("vllm_mode") == "colocate"
+                     and self.device == "cuda")
+        batch = (args.get("per_device_train_batch_size") or 1) * (2 if trl_class == "DPOConfig" else 1)  # DPO: pairs
+        parts = estimate(model, dtype=dtype, mixed_precision=bool(args.get("bf16") or args.get("fp16")), batch=batch,
+                         seq=seq, checkpointing=bool(args.get("gradient_checkpointing")),
+                         ref=model if beta and beta > 0 else None, rm=rm, rm_dtype=rm_dtype or "float32",
+                         vllm_bytes=(args.get("vllm_gpu_memory_utilization") or 0) * (self.budget or 0) if colocated else 0)
+        row.update(parts, rm_dtype=rm_dtype if rm else None, budget=self.budget,
+                   fits=None if self.budget is None else parts["total"] <= self.budget)
+        if row["fits"] is False:
+            self.problem(stage, *self._advice(field, args, parts, rm_dtype))
+        return row
 
     def _reward_model_stage_ref(self) -> str | None:
         cfg = self.pipe.stage_config("reward-model")
         return cfg.model if cfg is not None else None
 
-    def _advice(self, stage: str, field: str, args: dict, parts: dict, rm_dtype: str | None) -> tuple[str, str]:
+    def _advice(self, field: str, args: dict, parts: dict, rm_dtype: str | None) -> tuple[str, str]:
         """(field to change, the over-budget line) naming the largest part that a setting can shrink."""
         need = f"needs {parts['total'] / GiB:.1f} GiB of the device's {self.budget / GiB:.0f} GiB"
         options = []
