@@ -14,7 +14,8 @@ import time
 from pathlib import Path
 from types import SimpleNamespace
 
-from stages import cold_start_sft, evaluate, reasoning_rl, world
+from stages import cold_start_sft, evaluate, reasoning_rl
+from stages.tiny import world
 from stages.common import StageContext
 
 

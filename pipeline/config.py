@@ -19,7 +19,7 @@ from stages.common import UserError
 
 # CLI stage name -> module in stages/. Order is pipeline order.
 STAGE_MODULES: dict[str, str] = {
-    "world": "stages.world",
+    "world": "stages.tiny.world",
     "cold-start": "stages.cold_start_sft",
     "reasoning-rl": "stages.reasoning_rl",
     "rejection-sft": "stages.rejection_sft",
@@ -31,7 +31,7 @@ TRAINING_STAGES = STAGES[1:]
 DEFAULT_CONFIG_FILE = "flows.yaml"
 
 
-WORLD_KINDS = {"tiny": "stages.world", "import": "stages.prepare"}
+WORLD_KINDS = {"tiny": "stages.tiny.world", "import": "stages.prepare"}
 
 
 def stage_module(stage: str, stage_cfg: Any = None):

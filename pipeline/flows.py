@@ -54,7 +54,7 @@ LIBRARIES: tuple[str | tuple[str, ...], ...] = (
 
 
 def _module_file(name: str) -> Path | None:
-    """The source file of a project module (`stages.world` -> stages/world.py), None outside the project."""
+    """The source file of a project module (`stages.tiny.world` -> stages/tiny/world.py), None outside the project."""
     parts = name.split(".")
     if parts[0] not in PROJECT_PACKAGES or not all(p.isidentifier() for p in parts):
         return None
@@ -139,13 +139,13 @@ def code_identity(module: str) -> dict[str, Any]:
 
 
 def code_version(module: str) -> str:
-    """The code part of a version id for a stage module (`stages.world`, or a stage name)."""
+    """The code part of a version id for a stage module (`stages.tiny.world`, or a stage name)."""
     return code_identity(module)["code_version"]
 
 
 def code_key(pipe, stage: str) -> str:
     """The module a stage runs, whose import closure is its code (the world stage's depends on its kind:
-    `stages.world` for the tiny world, `stages.prepare` for `world: {kind: import}`)."""
+    `stages.tiny.world` for the tiny world, `stages.prepare` for `world: {kind: import}`)."""
     return stage_module(stage, pipe.stage_config(stage)).__name__
 
 

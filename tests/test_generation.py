@@ -5,11 +5,12 @@ from pathlib import Path
 
 import pytest
 
-from stages import world
+import small
+from stages.tiny import world
 from stages.common import StageContext, UserError
 from stages.generation import GenerationConfig, generate, prompt_texts
 
-SMALL = world.small_test_overrides()
+SMALL = small.WORLD
 
 
 def small_world(tmp_path_factory) -> Path:

@@ -10,6 +10,7 @@ import pytest
 from conftest import source_cache
 
 from stages import judge
+from stages.tiny import judge as tiny_judge
 from stages.judge import CANARY_NAMES, canaries, parse_verdict, rule_verdict, wrong_answer
 
 GOLD = "<think>347 + 85. 7+5=12, write 2 carry 1. 4+8+1=13, write 3 carry 1. 3+0+1=4, write 4 carry 0. " \
@@ -118,7 +119,7 @@ def _cold_rows(n: int) -> list[dict]:
 
 def test_judge_rows_labels_follow_the_rules():
     rows = _cold_rows(40)
-    out = judge.judge_rows(rows, judge.TINY_TEMPLATE, seed=0)
+    out = tiny_judge.judge_rows(rows, tiny_judge.TINY_TEMPLATE, seed=0)
     assert len(out) == 40 * 6
     for r in out:
         assert r["label"] == rule_verdict(r["reference"], r["response"])
@@ -131,7 +132,7 @@ def test_judge_rows_labels_follow_the_rules():
                       "bare-answer": {False}, "gibberish": {False}, "repeated": {False}, "truncated": {False},
                       "injection": {False}}
     assert 0.3 < sum(r["label"] for r in out) / len(out) < 0.5
-    assert out == judge.judge_rows(rows, judge.TINY_TEMPLATE, seed=0)  # deterministic
+    assert out == tiny_judge.judge_rows(rows, tiny_judge.TINY_TEMPLATE, seed=0)  # deterministic
 
 
 @pytest.mark.parametrize("reference, response, check", [
@@ -150,7 +151,7 @@ def test_judge_rows_labels_follow_the_rules():
     ("x=2", GOLD, "432 x=2."),
 ])
 def test_judge_check(reference, response, check):
-    assert judge.judge_check(reference, response) == check
+    assert tiny_judge.judge_check(reference, response) == check
 
 
 def test_judge_check_says_n_exactly_when_the_rules_reject_a_well_formed_number():
@@ -159,28 +160,28 @@ def test_judge_check_says_n_exactly_when_the_rules_reject_a_well_formed_number()
     rng = random.Random(0)
     for _ in range(300):
         ref = str(rng.randrange(1, 20000))
-        answer = rng.choice([ref, judge._perturb_number(ref, rng), str(rng.randrange(1, 20000))])
+        answer = rng.choice([ref, tiny_judge._perturb_number(ref, rng), str(rng.randrange(1, 20000))])
         response = GOLD.replace("<answer>432", f"<answer>{answer}")
-        check = judge.judge_check(ref, response)
+        check = tiny_judge.judge_check(ref, response)
         assert (" n" in check) == (not rule_verdict(ref, response)), (ref, answer, check)
 
 
 def test_judge_rows_with_check_end_in_the_rule_verdict():
     rows = _cold_rows(20)
-    out = judge.judge_rows(rows, judge.TINY_TEMPLATE, seed=0, check=True)
+    out = tiny_judge.judge_rows(rows, tiny_judge.TINY_TEMPLATE, seed=0, check=True)
     for r in out:
         text = r["completion"][0]["content"]
         check, verdict = text.split("\n")
-        assert check == judge.judge_check(r["reference"], r["response"])
+        assert check == tiny_judge.judge_check(r["reference"], r["response"])
         assert parse_verdict(text) is r["label"] is rule_verdict(r["reference"], r["response"])
-    assert [r["label"] for r in out] == [r["label"] for r in judge.judge_rows(rows, judge.TINY_TEMPLATE, seed=0)]
+    assert [r["label"] for r in out] == [r["label"] for r in tiny_judge.judge_rows(rows, tiny_judge.TINY_TEMPLATE, seed=0)]
 
 
 def test_drill_rows():
     rows = _cold_rows(30)
-    out = judge.drill_rows(rows, judge.TINY_TEMPLATE, seed=3, passes=2)
+    out = tiny_judge.drill_rows(rows, tiny_judge.TINY_TEMPLATE, seed=3, passes=2)
     assert len(out) == 30 * 4 * 2
-    assert out == judge.drill_rows(rows, judge.TINY_TEMPLATE, seed=3, passes=2)
+    assert out == tiny_judge.drill_rows(rows, tiny_judge.TINY_TEMPLATE, seed=3, passes=2)
     for r in out:
         assert r["kind"] == "drill"
         assert r["response"].startswith("<think>So the answer is ") and r["response"].endswith("</answer>")
@@ -205,10 +206,10 @@ def cache_dir(request, name: str, *sources: str) -> Path:
 @pytest.fixture(scope="session")
 def base_world(request) -> Path:
     """A small tiny world (data + pretrained base model) built by the world stage, without a judge."""
-    from stages import world
+    from stages.tiny import world
     from stages.common import StageContext
 
-    out = cache_dir(request, "world", "stages/world.py") / "world"
+    out = cache_dir(request, "world", "stages/tiny/world.py") / "world"
     if not (out / "base_model" / "config.json").is_file():
         ctx = StageContext(out_dir=out, work_dir=out.parent / "work", inputs={}, pipeline=None, seed=0)
         world.run(world.Config(**{**SMALL_WORLD, "judge": False}), ctx)
@@ -220,11 +221,11 @@ def small_world(request, base_world) -> Path:
     """`base_world` plus the tiny judge (`build_tiny_judge`, as the world stage calls it)."""
     import shutil
 
-    out = cache_dir(request, "judged-world", "stages/world.py", "stages/judge.py") / "world"
+    out = cache_dir(request, "judged-world", "stages/tiny/world.py", "stages/judge.py", "stages/tiny/judge.py") / "world"
     if not (out / "judge" / "judge_metrics.json").is_file():
         shutil.rmtree(out, ignore_errors=True)
         shutil.copytree(base_world, out)
-        judge.build_tiny_judge(out, 0)
+        tiny_judge.build_tiny_judge(out, 0)
     return out
 
 
@@ -232,15 +233,15 @@ def small_world(request, base_world) -> Path:
 def always_accept_judge(request, base_world) -> Path:
     """A real tiny judge that accepts everything: the world's base model fine-tuned a few steps on judge
     prompts whose target is always `Verdict: correct`."""
-    out = cache_dir(request, "yes-judge", "stages/world.py", "stages/judge.py", "tests/test_judge.py") / "judge"
+    out = cache_dir(request, "yes-judge", "stages/tiny/world.py", "stages/judge.py", "stages/tiny/judge.py", "tests/test_judge.py") / "judge"
     if not (out / "config.json").is_file():
         source = [json.loads(line) for line in (base_world / "data" / "cold_start.jsonl").read_text().splitlines()]
-        rows = judge.judge_rows(source[:40], judge.TINY_TEMPLATE, 0)
+        rows = tiny_judge.judge_rows(source[:40], tiny_judge.TINY_TEMPLATE, 0)
         train = [{**r, "completion": [{"role": "assistant", "content": "Verdict: correct"}]} for r in rows]
-        judge.train_judge(str(base_world / "base_model"), train, out, 0, out.parent / "work",
+        tiny_judge.train_judge(str(base_world / "base_model"), train, out, 0, out.parent / "work",
                           {"max_steps": 80, "per_device_train_batch_size": 16, "learning_rate": 3e-3, "warmup_steps": 0,
                            "completion_only_loss": True})
-        (out / judge.JUDGE_FILE).write_text(json.dumps({"template": judge.TINY_TEMPLATE}))
+        (out / judge.JUDGE_FILE).write_text(json.dumps({"template": tiny_judge.TINY_TEMPLATE}))
     return out
 
 
@@ -297,7 +298,7 @@ def test_tiny_judge_data_cards_match_their_files(small_world, tmp_path):
 
     from huggingface_hub import DatasetCard
 
-    from stages import world
+    from stages.tiny import world
 
     out = tmp_path / "world"
     shutil.copytree(small_world / "data", out / "data")

@@ -58,9 +58,9 @@ def _cache_dir(request, name: str, *sources: str, recipe: object = None) -> Path
 @pytest.fixture(scope="session")
 def tiny_world(request) -> Path:
     """A small tiny world (data + pretrained base model), built once."""
-    from stages import world
+    from stages.tiny import world
 
-    out = _cache_dir(request, "world", "stages/world.py") / "world"
+    out = _cache_dir(request, "world", "stages/tiny/world.py") / "world"
     if not (out / "base_model" / "config.json").is_file():
         ctx = StageContext(out_dir=out, work_dir=out.parent / "work", inputs={}, pipeline=None, seed=0)
         world.run(world.Config(**SMALL_WORLD), ctx)
@@ -74,7 +74,7 @@ def stage3_policy(request, tiny_world) -> Path:
     import datasets
     import trl
 
-    out = _cache_dir(request, "policy", "stages/world.py") / "model"
+    out = _cache_dir(request, "policy", "stages/tiny/world.py") / "model"
     if (out / "config.json").is_file():
         return out
     from stages.data import load
@@ -103,7 +103,7 @@ def tiny_reward_model(request, tiny_world) -> Path:
     """The reward-model stage run on the tiny world's preference pairs; returns its version folder."""
     from stages import reward_model
 
-    out = _cache_dir(request, "rm", "stages/world.py", "stages/reward_model.py", "stages/rm_guard.py",
+    out = _cache_dir(request, "rm", "stages/tiny/world.py", "stages/reward_model.py", "stages/rm_guard.py",
                      recipe=RM_CONFIG) / "version"
     if not (out / "metrics.json").is_file():
         out.mkdir(parents=True, exist_ok=True)
@@ -120,7 +120,7 @@ def loop_loving_reward_model(request, tiny_world) -> Path:
     from stages import reward_model
     from stages.data import load
 
-    out = _cache_dir(request, "bad-rm", "stages/world.py", "stages/reward_model.py", "stages/rm_guard.py",
+    out = _cache_dir(request, "bad-rm", "stages/tiny/world.py", "stages/reward_model.py", "stages/rm_guard.py",
                      recipe=BAD_RM_CONFIG) / "version"
     if not (out / "metrics.json").is_file():
         out.mkdir(parents=True, exist_ok=True)

@@ -130,7 +130,7 @@ def policy_version(request, base_world) -> Path:
     """Stand-in for a reasoning-rl version: the cold-start stage run on the small world (real TRL SFT)."""
     from stages import cold_start_sft
 
-    out = cache_dir(request, "policy", "stages/world.py", "stages/cold_start_sft.py") / "version"
+    out = cache_dir(request, "policy", "stages/tiny/world.py", "stages/cold_start_sft.py") / "version"
     if not (out / "model" / "config.json").is_file():
         ctx = StageContext(out_dir=out, work_dir=out.parent / "work", inputs={"world": base_world}, pipeline=Pipe(),
                            seed=0)

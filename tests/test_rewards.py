@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
+import small
 from stages.common import UserError
 from stages.rewards import (
     PENALTIES,
@@ -774,7 +775,7 @@ def test_user_reward_in_a_reasoning_rl_run(tmp_path, tmp_path_factory):
     calls = tmp_path / "calls.jsonl"
     rewards = {"weights": {"accuracy": 1.0, "format": 0.25},
                "custom": {"brevity": custom(f"{path}:brevity", 0.5, limit=40, log=str(calls))}}
-    cfg = reasoning_rl.Config(**{**reasoning_rl.small_test_overrides(), "model": "world:base_model",
+    cfg = reasoning_rl.Config(**{**small.GRPO, "model": "world:base_model",
                                  "monitor": {"enabled": False}, "rewards": rewards})
     metrics = reasoning_rl.run(cfg, make_ctx(tmp_path, "reasoning-rl", {"world": world_dir}))
     logged = [h for h in metrics["history"] if "reward" in h]

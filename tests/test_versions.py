@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-import stages.world
+import stages.tiny.world
 from pipeline import flows
 from pipeline.cli import main
 from pipeline.config import STAGES, load_config
@@ -21,7 +21,7 @@ from pipeline.store import Store
 from stages.common import UserError
 
 ROOT = Path(__file__).resolve().parent.parent
-STAGE_MODULE_NAMES = ["stages.world", "stages.prepare", "stages.cold_start_sft", "stages.reasoning_rl",
+STAGE_MODULE_NAMES = ["stages.tiny.world", "stages.prepare", "stages.cold_start_sft", "stages.reasoning_rl",
                       "stages.rejection_sft", "stages.reward_model", "stages.preference_rl"]
 
 
@@ -63,9 +63,10 @@ def edit(path: Path) -> None:
 
 @pytest.mark.parametrize("module, changed", [
     ("stages.rejection_sft", "cold_start_sft.py"),  # stage 3 takes cold-start's SFT defaults (a function-level import)
-    ("stages.world", "rewards.py"),  # the tiny judge is built and checked against the rule verifier
-    ("stages.world", "judge.py"),
-    ("stages.world", "generation.py"),  # through judge.py
+    ("stages.tiny.world", "rewards.py"),  # the tiny judge is built and checked against the rule verifier
+    ("stages.tiny.world", "judge.py"),
+    ("stages.tiny.world", "tiny/judge.py"),  # the tiny judge lives beside the tiny world
+    ("stages.tiny.world", "generation.py"),  # through judge.py
     ("stages.prepare", "tasks.py"),  # `world: {kind: import}`
     ("stages.prepare", "models.py"),
     ("stages.cold_start_sft", "models.py"),
@@ -78,6 +79,19 @@ def test_code_version_follows_what_the_stage_imports(project_copy, module, chang
     before = flows.code_version(module)
     edit(project_copy / "stages" / changed)
     assert flows.code_version(module) != before
+
+
+def test_real_stages_never_import_the_tiny_world():
+    """The tiny world is a guest: no product module (pipeline/, the real stages) imports stages/tiny/, and an
+    edit to the tiny judge re-runs only the tiny world (with everything downstream of it), not a real pipeline."""
+    real = [m for m in STAGE_MODULE_NAMES if not m.startswith("stages.tiny.")]
+    assert "stages.prepare" in real and "stages.rejection_sft" in real
+    for module in real:
+        assert not [f for f in flows.code_modules(module) if f.startswith("stages/tiny/")], module
+    for path in [*(ROOT / "pipeline").glob("*.py"), *(ROOT / "stages").glob("*.py")]:
+        text = path.read_text()
+        assert "import stages.tiny" not in text and "from stages.tiny" not in text, path
+        assert "small_test_overrides" not in text and "STACK-NOTES" not in text and "R1-PIPELINE" not in text, path
 
 
 def test_code_version_ignores_modules_a_stage_does_not_import(project_copy):
@@ -109,7 +123,7 @@ def test_imports_are_found_however_they_are_written(project_copy):
 
 def test_code_key_is_the_module_the_stage_runs(tmp_path):
     _, tiny = load_config(write_flows(tmp_path, shipped=True)).get("p")
-    assert flows.code_key(tiny, "world") == "stages.world"
+    assert flows.code_key(tiny, "world") == "stages.tiny.world"
     assert flows.code_key(tiny, "rejection-sft") == "stages.rejection_sft"
     _, smol = load_config(ROOT / "flows.yaml").get("smol")
     assert flows.code_key(smol, "world") == "stages.prepare"
@@ -129,11 +143,11 @@ def test_library_versions_are_part_of_the_code_version(monkeypatch):
 
 def test_manifest_records_code_modules_and_library_versions(tmp_path, monkeypatch):
     loaded = load_config(write_flows(tmp_path))
-    monkeypatch.setattr(stages.world, "run", lambda cfg, ctx: (ctx.out_dir / "done.txt").write_text("ok") and {})
+    monkeypatch.setattr(stages.tiny.world, "run", lambda cfg, ctx: (ctx.out_dir / "done.txt").write_text("ok") and {})
     row = flows.execute_stage(loaded, "p", "world")
     manifest = Store(tmp_path / "store").require(row["version"]).manifest
-    assert manifest["code_version"] == flows.code_version("stages.world")
-    assert {"stages/world.py", "stages/judge.py", "stages/rewards.py", "stages/common.py"} <= set(manifest["code_modules"])
+    assert manifest["code_version"] == flows.code_version("stages.tiny.world")
+    assert {"stages/tiny/world.py", "stages/tiny/judge.py", "stages/judge.py", "stages/rewards.py", "stages/common.py"} <= set(manifest["code_modules"])
     assert manifest["library_versions"] == flows.library_versions()
     assert manifest["library_versions"]["torch"]
 
@@ -246,7 +260,7 @@ def test_force_retry_of_the_task_keeps_the_id_and_resumes(tmp_path, monkeypatch)
     which now carry the flow run's token: same id, same work folder, its checkpoint found."""
     cfg = str(write_flows(tmp_path))
     seen: list = []
-    monkeypatch.setattr(stages.world, "run", flaky_world(seen))
+    monkeypatch.setattr(stages.tiny.world, "run", flaky_world(seen))
     monkeypatch.setattr(flows, "_prefect_reporter", lambda pipeline, stage: None)
     with pytest.raises(OSError, match="engine died"):
         flows.stage_task.fn(cfg, "p", "world", None, None, True, False, "flow-run-1")
@@ -312,7 +326,7 @@ def test_prefect_retry_of_a_force_run_resumes_its_checkpoints(tmp_path, monkeypa
 
     cfg = write_flows(tmp_path, {"orchestration": {"retries": {"world": 1}, "retry_delay_seconds": 0}})
     seen: list = []
-    monkeypatch.setattr(stages.world, "run", flaky_world(seen))
+    monkeypatch.setattr(stages.tiny.world, "run", flaky_world(seen))
     port = ui.free_port()
     proc = ui.start_server(port=port, home=tmp_path / "prefect-home")
     try:

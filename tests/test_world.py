@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from stages import world
+from stages.tiny import world
 from stages.common import StageContext
 from stages.rewards import extract_answer, format_reward, language_share, reasoning_text, verify_answer
 

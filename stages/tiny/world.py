@@ -1,4 +1,4 @@
-"""Stage `world`: the tiny world r1flow runs on CPU.
+"""Stage `world` of the tiny pipeline (`world: {kind: tiny}`): the tiny world r1flow runs on CPU.
 
 Built deterministically from a seed, with no network:
 - a verifiable reasoning task: multi-digit addition in English, answered as
@@ -10,12 +10,12 @@ Built deterministically from a seed, with no network:
   combinations of a saying and an opener; the preference pairs are balanced in length (`length_balance`,
   reported in their card);
 - a byte-level BPE tokenizer (digits split one per token) with a chat template, `<think>`/`<answer>`
-  tags as ordinary added tokens (STACK-NOTES trap: special tokens vanish when decoded);
+  tags as ordinary added tokens (special tokens vanish when decoded with skip_special_tokens);
 - a tiny Qwen2ForCausalLM base model (head_dim 64 for vLLM CPU), briefly pretrained on plain synthetic
   text (worked additions in prose like a math-pretrained model saw, never the held-out eval pairs; bare
   questions; numbers; general facts), so it is a base model and not noise, but it has never seen the
   chat format or the think/answer tags and scores 0 on the task's answer format;
-- a tiny judge, when `stages.judge.build_tiny_judge` exists (another module).
+- a tiny judge (`stages.tiny.judge.build_tiny_judge`).
 
 Same seed -> byte-identical jsonl files (and, on the same machine and thread count, the same weights).
 """
@@ -26,6 +26,7 @@ import hashlib
 import json
 import logging
 import random
+import shutil
 import time
 from pathlib import Path
 from typing import Literal
@@ -42,7 +43,7 @@ CHAT_TEMPLATE = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
-CARDS_DIR = Path(__file__).resolve().parent.parent / "data_cards"
+CARDS_DIR = Path(__file__).resolve().parents[2] / "data_cards"
 DATASETS = ("cold_start", "rl_prompts", "eval", "general_sft", "general_prompts", "general_eval", "preference")
 
 
@@ -82,7 +83,7 @@ class Config(StageConfig):
         0.5, ge=0, le=0.8,
         description="share of pretraining lines that are worked additions in plain prose (no tags, no chat); "
         "the base model learns arithmetic like a math-pretrained model, not the answer format")
-    judge: bool = Field(True, description="also build the tiny judge (stages.judge.build_tiny_judge)")
+    judge: bool = Field(True, description="also build the tiny judge (stages.tiny.judge.build_tiny_judge)")
 
     @model_validator(mode="after")
     def _check(self):
@@ -94,13 +95,6 @@ class Config(StageConfig):
         if problems:
             raise ValueError("; ".join(problems))
         return self
-
-
-def small_test_overrides() -> dict:
-    """Config values for test suites: a complete world in about 10 s (data tiny, base model barely pretrained)."""
-    return dict(n_cold_start=40, n_rl_prompts=40, n_eval=20, n_general_sft=20, n_general_prompts=20,
-                n_general_eval=10, n_preference=30, pretrain_steps=30, pretrain_corpus_lines=600,
-                pretrain_batch_size=8, pretrain_seq_len=64, judge=False)
 
 
 # ----------------------------------------------------------------------------- reasoning task
@@ -457,38 +451,30 @@ def build_tokenizer(corpus: list[str], vocab_size: int):
     return fast
 
 
-def pretrain(model, tokenizer, corpus: list[str], cfg: Config, seed: int, progress=None) -> list[dict]:
-    """Plain causal-LM pretraining on packed corpus text; returns the loss history."""
-    import math  # noqa: PLC0415
+def pretrain(model, tokenizer, corpus: list[str], cfg: Config, seed: int, work_dir: Path, reporter=None) -> list[dict]:
+    """Plain causal-LM pretraining on packed corpus text with transformers' `Trainer` (AdamW, weight decay
+    0.01, linear warmup over a tenth of the steps then cosine decay, gradients clipped at 1); returns the loss
+    history. `work_dir` holds the trainer's scratch files (nothing is checkpointed: pretraining takes seconds)."""
+    import datasets  # noqa: PLC0415
+    from transformers import Trainer, TrainingArguments  # noqa: PLC0415
 
-    import torch  # noqa: PLC0415
+    from stages.models import progress_callback  # noqa: PLC0415
 
     ids: list[int] = []
     for line in corpus:
         ids.extend(tokenizer(line, add_special_tokens=False)["input_ids"] + [tokenizer.pad_token_id])
-    data = torch.tensor(ids[: len(ids) // cfg.pretrain_seq_len * cfg.pretrain_seq_len]).view(-1, cfg.pretrain_seq_len)
-    gen = torch.Generator().manual_seed(seed)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.pretrain_lr, weight_decay=0.01)
-    warm = max(1, cfg.pretrain_steps // 10)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / max(1, cfg.pretrain_steps)))))
-    model.train()
-    history = []
-    for step in range(cfg.pretrain_steps):
-        batch = data[torch.randint(len(data), (cfg.pretrain_batch_size,), generator=gen)]
-        loss = model(input_ids=batch, labels=batch).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        if step % 25 == 0 or step == cfg.pretrain_steps - 1:
-            history.append({"step": step + 1, "loss": round(loss.item(), 4)})
-            log.info("pretrain step %d/%d loss %.4f", step + 1, cfg.pretrain_steps, loss.item())
-            if progress:
-                progress((step + 1) / cfg.pretrain_steps)
+    n = cfg.pretrain_seq_len
+    blocks = [ids[i:i + n] for i in range(0, len(ids) // n * n, n)]
+    args = TrainingArguments(
+        output_dir=str(work_dir), max_steps=cfg.pretrain_steps, per_device_train_batch_size=cfg.pretrain_batch_size,
+        learning_rate=cfg.pretrain_lr, weight_decay=0.01, warmup_steps=max(1, cfg.pretrain_steps // 10),
+        lr_scheduler_type="cosine", max_grad_norm=1.0, logging_steps=25, save_strategy="no", report_to="none",
+        use_cpu=True, seed=seed, data_seed=seed, disable_tqdm=True)
+    trainer = Trainer(model=model, args=args, train_dataset=datasets.Dataset.from_dict({"input_ids": blocks, "labels": blocks}),
+                      callbacks=[progress_callback(reporter, "pretraining base model")] if reporter else None)
+    trainer.train()
     model.eval()
-    return history
+    return [{"step": h["step"], "loss": round(h["loss"], 4)} for h in trainer.state.log_history if "loss" in h]
 
 
 def build_base_model(tokenizer, cfg: Config, seed: int):
@@ -539,6 +525,16 @@ def write_card(name: str, rows: list[dict], sha: str, cfg: Config, seed: int, ou
     card.save(out / f"{name}.md")
 
 
+class _Scaled:
+    """A reporter whose progress 0..1 is shown as `start + span * fraction` of the stage's."""
+
+    def __init__(self, reporter, start: float, span: float):
+        self.reporter, self.start, self.span = reporter, start, span
+
+    def progress(self, fraction: float, message: str = "") -> None:
+        self.reporter.progress(self.start + self.span * fraction, message)
+
+
 def run(cfg: Config, ctx: StageContext) -> dict:
     """Build the world into ctx.out_dir (layout in docs/DESIGN.md); returns metrics."""
     import torch  # noqa: PLC0415
@@ -564,8 +560,8 @@ def run(cfg: Config, ctx: StageContext) -> dict:
     model = build_base_model(tokenizer, cfg, seed)
     n_params = sum(p.numel() for p in model.parameters())
     log.info("base model: %d parameters, vocab %d", n_params, len(tokenizer))
-    history = pretrain(model, tokenizer, corpus, cfg, seed,
-                       progress=lambda f: ctx.reporter.progress(0.05 + 0.85 * f, "pretraining base model"))
+    history = pretrain(model, tokenizer, corpus, cfg, seed, out / ".pretrain_work", _Scaled(ctx.reporter, 0.05, 0.85))
+    shutil.rmtree(out / ".pretrain_work", ignore_errors=True)
     base = out / "base_model"
     model.save_pretrained(base, safe_serialization=True)
     tokenizer.save_pretrained(base)
@@ -578,7 +574,7 @@ def run(cfg: Config, ctx: StageContext) -> dict:
                "torch_threads": torch.get_num_threads()}
     metrics["judge"] = None
     if cfg.judge:
-        from stages.judge import build_tiny_judge  # noqa: PLC0415
+        from stages.tiny.judge import build_tiny_judge  # noqa: PLC0415
 
         ctx.reporter.progress(0.9, "building tiny judge")
         metrics["judge"] = build_tiny_judge(out, seed)
@@ -597,7 +593,7 @@ JUDGE_SPLITS = {
 
 
 def write_judge_cards(out: Path, cfg: Config, seed: int, judge_metrics: dict) -> None:
-    """Cards for the tiny judge's data files (written by stages.judge.build_tiny_judge)."""
+    """Cards for the tiny judge's data files (written by stages.tiny.judge.build_tiny_judge)."""
     texts = {name: (out / "data" / f"{name}.jsonl").read_text(encoding="utf-8") for name in JUDGE_SPLITS}
     n_heldout = len({json.loads(line)["question"] for line in texts["judge_eval"].splitlines()})
     for name, description in JUDGE_SPLITS.items():
