@@ -91,8 +91,9 @@ def _to_prompt(prompt: Any) -> list[dict]:
     return [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
 
 
-def load_reward_model(ref_or_path: str, device: str = "cpu", trust_remote_code: bool = False):
-    """Load a sequence-classification reward model and its tokenizer (pad token set, eval mode).
+def load_reward_model(ref_or_path: str, device: str = "cpu", trust_remote_code: bool = False,
+                      dtype: str = "float32"):
+    """Load a sequence-classification reward model and its tokenizer (pad token set, eval mode) in `dtype`.
     `ref_or_path` is a local folder or a hub id; a missing folder or a model without exactly one
     output raises UserError."""
     from pathlib import Path  # noqa: PLC0415
@@ -105,7 +106,7 @@ def load_reward_model(ref_or_path: str, device: str = "cpu", trust_remote_code: 
     try:
         tokenizer = AutoTokenizer.from_pretrained(ref_or_path, trust_remote_code=trust_remote_code)
         model = AutoModelForSequenceClassification.from_pretrained(
-            ref_or_path, trust_remote_code=trust_remote_code, dtype="float32", use_safetensors=True)
+            ref_or_path, trust_remote_code=trust_remote_code, dtype=dtype, use_safetensors=True)
     except OSError as exc:
         raise UserError(f"reward model {ref_or_path!r}: could not be loaded ({str(exc).splitlines()[0][:200]})") from exc
     if model.config.num_labels != 1:
