@@ -327,8 +327,10 @@ def publish_stage_report(reporter, store: Store, version: Version) -> None:
         keys = [k for k in CURVE_KEYS if any(k in r for r in history)]
         keys += sorted({k for r in history for k in r if k.startswith("rewards/") and k.endswith("/mean")} - set(keys))
         if keys:
-            png = plot_curves(history, keys, Path(tempfile.mkdtemp(prefix="r1flow-curves-")) / "curves.png")
-            reporter.image("curves", png, description=f"training curves of {version.id}")
+            with tempfile.TemporaryDirectory(prefix="r1flow-curves-") as tmp:  # embedded in the artifact, not kept
+                png = plot_curves(history, keys, Path(tmp) / "curves.png", title=version.id)
+                reporter.image("curves", png, description=f"training curves of {version.id}",
+                               caption=f"training curves of `{version.id}` ({', '.join(keys)})")
     lines = [f"# {version.stage}: `{version.id}`", "",
              f"- folder: `{version.path}`", f"- parents: {', '.join(f'`{p}`' for p in version.parents.values()) or '-'}",
              f"- seconds: {metrics.get('seconds', '?')}"]

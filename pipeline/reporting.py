@@ -35,7 +35,9 @@ def artifact_key(*parts: str) -> str:
 
 
 def _cell(key: str, value: Any) -> Any:
-    """A JSON-friendly table cell: numpy/torch scalars -> Python, floats rounded, paths -> str."""
+    """A JSON-friendly table cell: numpy/torch scalars -> Python, floats rounded, paths -> str. Text is shown
+    as text: the Prefect UI renders table cells as Markdown/HTML, where `<think>`/`<answer>` would vanish as
+    tags (seen in headless Chromium), so `<` is written as the entity `&lt;` (the UI shows `<`)."""
     if is_secret_key(key) and value not in (None, ""):
         return "***"
     if hasattr(value, "item") and callable(value.item):  # numpy / torch scalar
@@ -47,7 +49,7 @@ def _cell(key: str, value: Any) -> Any:
         return None if math.isnan(value) else round(value, 4)
     if value is None or isinstance(value, (bool, int)):
         return value
-    return redact(str(value))
+    return redact(str(value)).replace("<", "&lt;")
 
 
 def clean_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -146,9 +148,9 @@ class PrefectReporter(Reporter):
         self._publish("link", create_link_artifact, link=redact(uri), link_text=redact(text),
                       key=self.key(key), description=self._description(description))
 
-    def image(self, key: str, png_path: Path, description: str = "") -> None:
+    def image(self, key: str, png_path: Path, description: str = "", caption: str | None = None) -> None:
         """A Markdown artifact showing the PNG (see `image_markdown`)."""
-        self.markdown(key, image_markdown(png_path), description)
+        self.markdown(key, image_markdown(png_path, caption), description)
 
     def warning(self, key: str, text: str) -> None:
         """A warning artifact, also written to the run's log (shown in the UI's Logs tab)."""
@@ -168,12 +170,13 @@ def _link_target(target: str) -> tuple[str, str]:
     return link_to_folder(target), str(Path(target).expanduser().resolve())
 
 
-def image_markdown(png_path: Path | str) -> str:
+def image_markdown(png_path: Path | str, caption: str | None = None) -> str:
     """Markdown showing a PNG inline as a `data:image/png;base64,...` URI (the self-hosted Prefect
-    UI renders it; checked with headless Chromium), with the file's path below. A missing file,
+    UI renders it; checked with headless Chromium), with `caption` below (default: the file's path; pass a
+    caption for a picture that is not kept, so the artifact never points at a deleted file). A missing file,
     or one over `MAX_INLINE_PNG_BYTES`, gets a link to the file instead."""
     png_path = Path(png_path).expanduser().resolve()
-    path_line = f"`{png_path}`"
+    path_line = caption if caption is not None else f"`{png_path}`"
     if not png_path.is_file() or png_path.stat().st_size > MAX_INLINE_PNG_BYTES:
         why = "missing" if not png_path.is_file() else "too large to embed"
         return f"Picture {why}: [{png_path.name}]({png_path.as_uri()})\n\n{path_line}"

@@ -348,8 +348,9 @@ class Reporter:
     def link(self, key: str, target: str, description: str = "") -> None:
         """Publish a link to a folder or file (checkpoint, dataset, data card)."""
 
-    def image(self, key: str, png_path: Path, description: str = "") -> None:
-        """Publish a picture (e.g. a curve); implementations may embed it in Markdown."""
+    def image(self, key: str, png_path: Path, description: str = "", caption: str | None = None) -> None:
+        """Publish a picture (e.g. a curve); implementations may embed it in Markdown. `caption`: the line
+        under it (default: the file's path, for a picture that stays on disk)."""
 
     def warning(self, key: str, text: str) -> None:
         """Publish a warning (e.g. reward hacking suspected). Defaults to Markdown."""

@@ -90,6 +90,11 @@ def test_secret_columns_are_hidden(column, hidden):
     assert (clean_rows([{column: "value"}])[0][column] == "***") == hidden
 
 
+def test_table_cells_escape_tags_so_the_ui_shows_them():
+    (row,) = clean_rows([{"completion": "<think>t</think><answer>4</answer>", "n": 3, "cmp": "a > b"}])
+    assert row == {"completion": "&lt;think>t&lt;/think>&lt;answer>4&lt;/answer>", "n": 3, "cmp": "a > b"}
+
+
 def test_clean_rows_aligns_columns_and_cleans_cells():
     class Scalar:  # stands in for a numpy/torch scalar
         def item(self):
@@ -175,6 +180,8 @@ def test_image_markdown(tmp_path, monkeypatch):
     assert md.startswith("![c](data:image/png;base64,")
     assert base64.b64decode(data) == png.read_bytes()
     assert f"`{png.resolve()}`" in md
+    captioned = image_markdown(png, caption="training curves of `x-1`")
+    assert captioned.endswith("\n\ntraining curves of `x-1`") and str(png.resolve()) not in captioned
     missing = image_markdown(tmp_path / "nope.png")
     assert missing.startswith("Picture missing: [nope.png](file://") and "base64" not in missing
     monkeypatch.setattr(reporting, "MAX_INLINE_PNG_BYTES", 100)
@@ -499,6 +506,8 @@ def run_stand_in_pipeline(port: int, png: Path, cached: bool = False) -> str:
                                {"filter": "correct", "kept": 30}, {"filter": "dedup", "kept": 27}],
                     "rejection funnel")
         if name == "reasoning-rl":
+            r.table("monitor", [{"step": 8, "completion": "<think>2+2 is 4</think><answer>4</answer>",
+                                 "note": "a < b and c > d"}], "monitor samples")
             r.image("curves", png, "reward and loss curves")
             r.warning("reward-hacking", "format reward rising while accuracy falls")
         return {"stage": name, "version": f"{name}-0123456789ab", "cached": cached,
@@ -701,6 +710,17 @@ def test_browser_renders_embedded_curve_picture(server, runs, browser_page, tmp_
     img.wait_for()
     width = page.evaluate("(img) => img.naturalWidth", img.element_handle())
     assert width > 100  # decoded and laid out, not a broken-image icon
+
+
+def test_browser_table_cells_keep_think_and_answer_tags(server, runs, browser_page, tmp_path):
+    """Completions in table artifacts are text: the UI must show `<think>`/`<answer>`, not swallow them
+    as HTML tags."""
+    _, stage_runs, _ = runs
+    page = browser_page
+    find_artifacts_in_ui(server, stage_runs["reasoning-rl"], page)
+    table = open_artifact(page, "tiny-reasoning-rl-monitor", tmp_path / "monitor.png")
+    assert "<think>2+2 is 4</think><answer>4</answer>" in table, table
+    assert "a < b and c > d" in table and "&lt;" not in table
 
 
 def test_browser_summary_links_to_stage_runs(server, runs, browser_page):
