@@ -25,7 +25,7 @@ from prefect.cache_policies import NO_CACHE
 
 from pipeline.config import STAGE_MODULES, STAGES, Loaded, load_config, stage_module
 from pipeline.store import Store, Version
-from stages.common import StageContext, UserError, resolve_system_prompt
+from stages.common import NOT_IN_VERSION_ID, StageContext, UserError, resolve_system_prompt
 
 # What each stage consumes. `world` is a parent whenever the pipeline has one, because `world:` model
 # and dataset references resolve inside it.
@@ -150,11 +150,15 @@ def code_key(pipe, stage: str) -> str:
 
 
 def identity_config(pipe, stage: str, rehearsal: bool = False) -> dict[str, Any]:
-    """The part of the pipeline config a stage's output depends on. Eval settings are not part of it
+    """The part of the pipeline config a stage's output depends on (trainer fields that only route logs,
+    `stages.common.NOT_IN_VERSION_ID`, are left out). Eval settings are not part of it
     (they only describe the version and are stored with its eval metrics), except where a stage reads
     them: the reward-hacking monitor's held-out set defaults to `eval.dataset`, so an enabled monitor
     without a `dataset` of its own gets that one written into the identity."""
     stage_cfg = pipe.stage_config(stage).model_dump(mode="json")
+    for block in ("trainer", "dpo_trainer"):  # where the logs go (a tracker, a run name) never changes the output
+        if isinstance(stage_cfg.get(block), dict):
+            stage_cfg[block] = {k: v for k, v in stage_cfg[block].items() if k not in NOT_IN_VERSION_ID}
     monitor = stage_cfg.get("monitor")
     if isinstance(monitor, dict) and monitor.get("enabled", True) and monitor.get("dataset") is None:
         monitor["dataset"] = pipe.eval.model_dump(mode="json").get("dataset") or "world:eval"

@@ -50,8 +50,8 @@ class Config(StageConfig):
                                                                 "(columns prompt, completion)")
     max_examples: int | None = Field(None, gt=0, description="use only the first N examples (None: all)")
     trainer: dict[str, Any] = Field(default_factory=default_sft_args,
-                                    description="arguments passed through to trl.SFTConfig (output_dir, seed, "
-                                                "use_cpu and report_to are set by r1flow)")
+                                    description="arguments passed through to trl.SFTConfig (output_dir, seed "
+                                                "and use_cpu are set by r1flow; report_to: none unless set)")
     trust_remote_code: bool = Field(False, description="allow custom model code from the hub (off: safer)")
 
     _check_trainer = trainer_field("SFTConfig")
@@ -77,10 +77,11 @@ def run(cfg: Config, ctx: StageContext, callbacks: list | None = None) -> dict:
     model, tok = load_policy(base, cfg.trust_remote_code)
 
     trainer_dir = Path(ctx.work_dir) / "trainer"
-    args = SFTConfig(output_dir=str(trainer_dir), seed=ctx.seed, use_cpu=ctx.device == "cpu", report_to="none",
-                     **{"save_strategy": "steps", **cfg.trainer})
+    args = SFTConfig(output_dir=str(trainer_dir), seed=ctx.seed, use_cpu=ctx.device == "cpu",
+                     **{"save_strategy": "steps", "report_to": "none", **cfg.trainer})
     trainer = SFTTrainer(model=model, args=args, train_dataset=ds, processing_class=tok,
                          callbacks=[progress_callback(ctx.reporter, "cold-start"), *(callbacks or [])])
+    ctx.keep_tracker_logs(trainer)
     result = trainer.train(resume_from_checkpoint=last_checkpoint(ctx, trainer_dir))
     history = [dict(h) for h in trainer.state.log_history]
     metrics = {

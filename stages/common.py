@@ -29,8 +29,14 @@ class StageConfig(BaseModel):
 
 # TRL config classes by name; validated lazily so `import stages.common` stays cheap.
 _TRL_CLASSES = {"SFTConfig", "GRPOConfig", "DPOConfig", "RewardConfig"}
-# Fields r1flow sets itself; users must not set them in flows.yaml.
-_RESERVED_TRAINER_ARGS = {"output_dir", "seed", "use_cpu", "report_to"}
+# Fields r1flow sets itself; users must not set them in flows.yaml. (`report_to` is the user's: "none" unless set.)
+_RESERVED_TRAINER_ARGS = {"output_dir", "seed", "use_cpu"}
+# Trackers `report_to` may name, and the package each needs (checked at validate, not after hours of training).
+TRACKERS = {"none": None, "all": None, "tensorboard": "tensorboard", "wandb": "wandb", "trackio": "trackio",
+            "mlflow": "mlflow", "comet_ml": "comet_ml", "clearml": "clearml", "dvclive": "dvclive",
+            "swanlab": "swanlab", "neptune": "neptune", "codecarbon": "codecarbon", "azure_ml": "azureml"}
+# Trainer fields that change where logs go, never what is trained: kept out of version ids.
+NOT_IN_VERSION_ID = ("report_to", "run_name", "disable_tqdm")
 # Numeric TrainingArguments fields that must be positive / non-negative.
 _POSITIVE = {"learning_rate", "num_train_epochs", "per_device_train_batch_size",
              "gradient_accumulation_steps", "num_generations", "max_completion_length",
@@ -155,6 +161,9 @@ def _field_problems(trl_class: str, args: dict[str, Any]) -> list[tuple[str | No
         if key in _RESERVED_TRAINER_ARGS:
             problems.append((key, "set by r1flow, remove it from the config"))
             continue
+        if key == "report_to":
+            problems += [(key, problem) for problem in tracker_problems(value)]
+            continue
         if key not in fields:
             problems.append((key, f"not a field of trl.{trl_class}"))
             continue
@@ -173,6 +182,23 @@ def _field_problems(trl_class: str, args: dict[str, Any]) -> list[tuple[str | No
             problems.append((key, f"must be > 0 (got {value})"))
         elif key in _NON_NEGATIVE and isinstance(value, (int, float)) and not isinstance(value, bool) and value < 0:
             problems.append((key, f"must be >= 0 (got {value})"))
+    return problems
+
+
+def tracker_problems(report_to: Any) -> list[str]:
+    """Problems with a `report_to` value (a tracker name or a list of them): unknown names, and trackers
+    whose package is not installed (TRL would fail only when training starts)."""
+    import importlib.util  # noqa: PLC0415
+
+    names = [report_to] if isinstance(report_to, str) else report_to
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        return [f"expected a tracker name or a list of them ({', '.join(TRACKERS)}), got {report_to!r}"]
+    problems = []
+    for name in names:
+        if name not in TRACKERS:
+            problems.append(f"unknown tracker {name!r} (expected one of {', '.join(TRACKERS)})")
+        elif TRACKERS[name] and importlib.util.find_spec(TRACKERS[name]) is None:
+            problems.append(f"tracker {name!r} needs the `{TRACKERS[name]}` package (pip install {TRACKERS[name]})")
     return problems
 
 
@@ -250,7 +276,7 @@ def _build_problems(trl_class: str, args: dict[str, Any]) -> list[tuple[str | No
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             cls(output_dir=os.path.join(tempfile.gettempdir(), _THROWAWAY_OUTPUT_DIR), use_cpu=True,
-                report_to="none", **kwargs)
+                **{**kwargs, "report_to": "none"})  # the tracker is checked by tracker_problems, not started
     except (ValueError, TypeError) as exc:
         return [(_culprit(str(exc), kwargs), _one_line(exc))]
     except Exception as exc:  # noqa: BLE001  (an import a field needs, ...): still one line, never a traceback
@@ -377,6 +403,14 @@ class StageContext:
         """The newest `checkpoint-N` folder under `trainer_dir`, to resume a killed run from."""
         ckpts = sorted(Path(trainer_dir).glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
         return str(ckpts[-1]) if ckpts else None
+
+    def keep_tracker_logs(self, trainer) -> None:
+        """Point a TensorBoard tracker (`report_to: tensorboard`) at the version folder's `logs/tensorboard`, so
+        its event files are published with the version (TRL would write them under the work folder, which is
+        removed once the version is registered). `TENSORBOARD_LOGGING_DIR` in the environment still wins."""
+        for callback in trainer.callback_handler.callbacks:
+            if type(callback).__name__ == "TensorBoardCallback" and getattr(callback, "logging_dir", "") is None:
+                callback.logging_dir = str(Path(self.out_dir) / "logs" / "tensorboard")
 
     def resolve_model(self, ref: str) -> str:
         """`world:NAME` -> folder inside the world version; a local path must exist; anything else

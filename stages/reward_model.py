@@ -72,8 +72,8 @@ class Config(StageConfig):
                     "(`dataset` is ignored here: the held-out split is used)")
     trainer: dict[str, Any] = Field(
         default_factory=dict,
-        description="trl.RewardConfig fields, merged over TRAINER_DEFAULTS (output_dir, seed, use_cpu and "
-                    "report_to are set by r1flow)")
+        description="trl.RewardConfig fields, merged over TRAINER_DEFAULTS (output_dir, seed and use_cpu "
+                    "are set by r1flow; report_to: none unless set)")
 
     _check_trainer = trainer_field("RewardConfig", run_defaults=TRAINER_DEFAULTS)
 
@@ -206,8 +206,8 @@ def run(cfg: Config, ctx: StageContext) -> dict:
 
     trainer_dir = ctx.work_dir / "trainer"
     args = trl.RewardConfig(
-        output_dir=str(trainer_dir), seed=ctx.seed, use_cpu=ctx.device == "cpu", report_to="none",
-        trust_remote_code=trust, **{**TRAINER_DEFAULTS, **cfg.trainer})
+        output_dir=str(trainer_dir), seed=ctx.seed, use_cpu=ctx.device == "cpu",
+        trust_remote_code=trust, **{"report_to": "none", **TRAINER_DEFAULTS, **cfg.trainer})
     keep = [c for c in ("prompt", "chosen", "rejected", "margin") if c in train.column_names]
     train_set = train.select_columns(keep)
     n_synthetic = 0
@@ -226,6 +226,7 @@ def run(cfg: Config, ctx: StageContext) -> dict:
             train_set = datasets.Dataset.from_list(rows).shuffle(seed=ctx.seed)
     trainer = trl.RewardTrainer(model=model_ref, args=args, train_dataset=train_set, processing_class=tokenizer)
     ctx.reporter.progress(0.05, f"training reward model on {len(train_set)} pairs ({n_synthetic} synthetic)")
+    ctx.keep_tracker_logs(trainer)
     trainer.train(resume_from_checkpoint=ctx.last_checkpoint(trainer_dir))
 
     out = ctx.out_dir / "model"

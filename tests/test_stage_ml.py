@@ -73,6 +73,16 @@ class StopAfter:
 
 
 @pytest.mark.slow
+def test_report_to_reaches_the_trainer(world_dir, tmp_path):
+    """`report_to` passes through to TRL (it used to be forced to "none"): TensorBoard event files appear in
+    the version folder (TRL's default, the work folder, is removed when the version is registered)."""
+    ctx = make_ctx(tmp_path, "cold-start", {"world": world_dir})
+    trainer = {**SFT_TEST["trainer"], "max_steps": 2, "report_to": "tensorboard"}
+    cold_start_sft.run(cold_start_sft.Config(**{**SFT_TEST, "trainer": trainer}), ctx)
+    assert list((ctx.out_dir / "logs" / "tensorboard").glob("events.out.tfevents.*"))
+
+
+@pytest.mark.slow
 def test_cold_start_resumes_from_checkpoint(world_dir, tmp_path, caplog):
     ctx = make_ctx(tmp_path, "cold-start", {"world": world_dir})
     cfg = cold_start_sft.Config(**SFT_TEST)

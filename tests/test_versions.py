@@ -178,6 +178,15 @@ def test_monitor_dataset_is_in_the_id_and_eval_settings_are_not(tmp_path):
         assert stage_id(tmp_path, stage, other_heldout, "h.yaml") == stage_id(tmp_path, stage, {}, "i.yaml")
 
 
+def test_log_routing_is_not_in_the_id_and_training_settings_are(tmp_path):
+    base = stage_id(tmp_path, "cold-start", {}, "a.yaml")
+    logged = {"stages": {"cold-start": {"dataset": "world:cold_start",
+                                        "trainer": {"report_to": "none", "run_name": "try-3"}}}}
+    assert stage_id(tmp_path, "cold-start", logged, "b.yaml") == base
+    trained = {"stages": {"cold-start": {"dataset": "world:cold_start", "trainer": {"learning_rate": 1e-4}}}}
+    assert stage_id(tmp_path, "cold-start", trained, "c.yaml") != base
+
+
 def test_rehearsal_is_in_the_id(tmp_path):
     assert stage_id(tmp_path, "cold-start", {}, "a.yaml", rehearsal=True) != stage_id(tmp_path, "cold-start", {}, "a.yaml")
 
