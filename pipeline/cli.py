@@ -439,8 +439,24 @@ def _terminated(signum, frame) -> None:
     raise SystemExit(128 + signum)
 
 
+# Loggers whose records reach the Prefect run log (besides Prefect's own): the flows' `r1flow` logger and every
+# module of the stages (`stages.*`: training progress, filters, guards) and of the orchestration (`pipeline.*`).
+RUN_LOG_LOGGERS = "r1flow,stages,pipeline"
+
+
+def route_logs_to_prefect() -> None:
+    """Ask Prefect (before it configures logging) to forward r1flow's loggers to the run log; a user's own
+    PREFECT_LOGGING_EXTRA_LOGGERS wins."""
+    import logging  # noqa: PLC0415
+
+    os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", RUN_LOG_LOGGERS)
+    for name in RUN_LOG_LOGGERS.split(","):  # Prefect copies handlers, not levels: INFO would stop at the root's WARNING
+        if logging.getLogger(name).level == logging.NOTSET:
+            logging.getLogger(name).setLevel(logging.INFO)
+
+
 def main(argv: list[str] | None = None) -> int:
-    os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "r1flow")
+    route_logs_to_prefect()
     args = build_parser().parse_args(argv)
     previous = None
     if args.command in FLOW_COMMANDS:

@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import drain_prefect
+from conftest import ROOT, drain_prefect
 
 from pipeline import reporting, ui
 from stages.common import UserError
@@ -590,6 +590,41 @@ def test_artifacts_reach_the_server(server, runs):
     assert len(warning) == 2 and warning[0].data.startswith("**Warning**")
     curves = read_artifacts(server, key=ArtifactFilterKey(any_=["tiny-reasoning-rl-curves"]))[0]
     assert "data:image/png;base64," in curves.data
+
+
+def test_stage_module_logs_reach_the_prefect_run_log(server, tmp_path):
+    """What `stages.*` modules log inside a run (training progress, filter counts, guard results) shows in the
+    run's log in the UI, as the flows' own `r1flow` logger does: `r1flow` sets Prefect's extra loggers."""
+    script = tmp_path / "logs.py"
+    script.write_text(
+        "import logging, sys\n"
+        "from pipeline import cli\n"
+        "cli.route_logs_to_prefect()\n"
+        "from prefect import flow, task\n"
+        "from prefect.client.orchestration import get_client\n"
+        "from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId\n"
+        "sys.path.insert(0, 'tests')\n"
+        "from conftest import drain_prefect\n"
+        "@task\n"
+        "def stage():\n"
+        "    logging.getLogger('stages.rejection_sft').info('kept 27 of 64 samples')\n"
+        "    logging.getLogger('pipeline.store').info('registered rejection-sft-0123')\n"
+        "@flow\n"
+        "def run():\n"
+        "    stage()\n"
+        "state = run(return_state=True)\n"
+        "drain_prefect()\n"
+        "with get_client(sync_client=True) as client:\n"
+        "    logs = client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(\n"
+        "        any_=[state.state_details.flow_run_id])))\n"
+        "print('\\n'.join(f'{l.name}: {l.message}' for l in logs))\n")
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_LOGGING_EXTRA_LOGGERS"}
+    env.update(PREFECT_API_URL=ui.api_url(server), PYTHONPATH=str(ROOT))
+    done = subprocess.run([sys.executable, str(script)], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "stages.rejection_sft: kept 27 of 64 samples" in done.stdout, done.stdout
+    assert "pipeline.store: registered rejection-sft-0123" in done.stdout, done.stdout
 
 
 def test_progress_is_throttled(server):
