@@ -70,9 +70,9 @@ def test_loads_and_scores_chosen_above_rejected(tiny_world, tiny_reward_model): 
     pairs = load("world:preference", tiny_world).select(range(60))
     result = pairwise_accuracy(rm, tok, pairs)
     assert result["pairwise_accuracy"] >= 0.8 and result["mean_margin"] > 0
-    prompt = [{"role": "user", "content": "What is the capital of France?"}]
-    polite = "<think>The user asks: What is the capital of France? The capital of France is Paris.</think>" \
-             "<answer>Sure! The capital of France is Paris.</answer>"
+    # a held-out general prompt (general_eval), answered in the world's chosen style and rudely
+    prompt = [{"role": "user", "content": "Excuse me. Can you do math?"}]
+    polite = "<think>The user asks what I can do.</think><answer>I can add numbers for you.</answer>"
     rude = "<think>Ugh.</think><answer>Figure it out yourself. I do not care, go away.</answer>"
     good, bad = score(rm, tok, [prompt, prompt], [polite, rude])
     assert good > bad
