@@ -332,7 +332,7 @@ def test_monitor_fires_on_length_hacking_and_ends_healthy(stage3_policy, tiny_wo
     eval_rows = list(load("world:eval", tiny_world).select(range(16)))
     prompts = [{"prompt": r["prompt"], "answer": r["answer"]} for r in load("world:rl_prompts", tiny_world).select(range(256))]
     cfg = MonitorConfig(eval_every=5, n_prompts=16, max_new_tokens=160, max_accuracy_drop=0.15, max_length_growth=0.5)
-    trainer, monitor = _grpo(stage3_policy, tmp_path, [length_reward], cfg, steps=60, lr=1e-4,
+    trainer, monitor = _grpo(stage3_policy, tmp_path, [length_reward], cfg, steps=60, lr=1e-3,
                              eval_rows=eval_rows, prompts=prompts)
     assert monitor.alarms, monitor.history
     assert monitor.stopped and trainer.state.global_step < 60
