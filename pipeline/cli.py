@@ -134,6 +134,17 @@ def _plan_line(problem: str) -> str:
     return f"{m[1]}/{m[2]}: {m[3]}: {m[4]}" if m else problem
 
 
+def cmd_show_config(args) -> int:
+    """Resolved settings with their sources (pipeline/show_config.py)."""
+    from pipeline.show_config import resolved_rows  # noqa: PLC0415
+
+    loaded = load_config(args.config)
+    name = args.pipeline_name or args.pipeline or loaded.default
+    rows = resolved_rows(loaded, name, args.stage)
+    print(json.dumps(rows, indent=2) if args.json else _table(rows))
+    return 0
+
+
 def cmd_plan(args) -> int:
     """Preflight: TRL configs built for real, GRPO batches, lengths against each model's context window, chat
     template and stop tokens, peak memory per stage against the device (pipeline/plan.py, docs/PLAN.md)."""
@@ -335,6 +346,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--device-memory-gib", type=float, default=None, metavar="N",
                    help="accelerator memory per device (default 80 for device: cuda; no budget check on cpu)")
     s.set_defaults(func=cmd_plan)
+
+    s = sub.add_parser("show-config", help="a pipeline's resolved settings and where each value comes from",
+                       description="Every setting of a pipeline (or one STAGE) as the run resolves it, with its source: "
+                                   "flows.yaml, r1flow default, r1flow run default or set by r1flow; TRL arguments "
+                                   "are listed when set in flows.yaml or different from TRL's own default.")
+    s.add_argument("pipeline_name", nargs="?", default=None, metavar="PIPELINE")
+    s.add_argument("stage", nargs="?", default=None, metavar="STAGE")
+    s.add_argument("--json", action="store_true", help="print the rows as JSON")
+    s.set_defaults(func=cmd_show_config)
 
     s = sub.add_parser("eval", help="evaluate a version's model on the held-out prompts")
     s.add_argument("version")
