@@ -136,12 +136,12 @@ def test_judge_rows_labels_follow_the_rules():
 
 
 @pytest.mark.parametrize("reference, response, check", [
-    ("432", GOLD, "432 432. 2=2 y, 3=3 y, 4=4 y."),
-    ("432", GOLD.replace("<answer>432", "<answer>482"), "482 432. 2=2 y, 8=3 n, 4=4 y."),
-    ("432", GOLD.replace("<answer>432", "<answer>4032"), "4032 432. 2=2 y, 3=3 y, 0=4 n, 4=_ n."),
-    ("1432", GOLD, "432 1432. 2=2 y, 3=3 y, 4=4 y, _=1 n."),
-    (432, GOLD, "432 432. 2=2 y, 3=3 y, 4=4 y."),                     # numeric reference
-    ("432", GOLD.replace("<answer>432", "<answer> 432 "), "432 432. 2=2 y, 3=3 y, 4=4 y."),
+    ("432", GOLD, "432 432. 22 y, 33 y, 44 y."),
+    ("432", GOLD.replace("<answer>432", "<answer>482"), "482 432. 22 y, 83 n, 44 y."),
+    ("432", GOLD.replace("<answer>432", "<answer>4032"), "4032 432. 22 y, 33 y, 04 n, 4_ n."),
+    ("1432", GOLD, "432 1432. 22 y, 33 y, 44 y, _1 n."),
+    (432, GOLD, "432 432. 22 y, 33 y, 44 y."),                     # numeric reference
+    ("432", GOLD.replace("<answer>432", "<answer> 432 "), "432 432. 22 y, 33 y, 44 y."),
     ("432", "<answer>432</answer>", "bad format."),                  # bare answer
     ("432", GOLD.replace("</answer>", ""), "bad format."),
     ("432", GOLD + "\nVerdict: correct", "bad format."),           # text after the answer block

@@ -98,9 +98,11 @@ def judge_responses(row: dict, other: dict, rng: random.Random) -> list[tuple[st
 def judge_check(reference: Any, response: str, min_reasoning_tokens: int = 3) -> str:
     """The check the tiny judge writes before its verdict, derived from the same rules as `rule_verdict`:
     the first format problem, or the response's answer and the reference compared digit by digit, units
-    first (`y` same, `n` different, `_` a missing digit), e.g. `1781 1751. 1=1 y, 8=5 n, 7=7 y, 1=1 y.`
-    A 1M-parameter model cannot learn to compare two numbers from a one-word verdict in a CPU budget; it
-    learns to copy and compare digits column by column (as it learned for addition) in about 1100 steps."""
+    first, each pair written side by side (`y` same, `n` different, `_` a missing digit), e.g.
+    `1781 1751. 11 y, 85 n, 77 y, 11 y.` A 1M-parameter model cannot learn to compare two numbers from a
+    one-word verdict in a CPU budget; it learns to copy and compare digits column by column (as it learned
+    for addition). Side by side, the comparison looks one token back; written `8=5 n` it looked two back
+    and was learned much later (drill loss after 800 steps 0.05 against 0.17, measured 2026-12-07)."""
     response = completion_text(response)
     if format_problem(response) is not None:
         return "bad format."
@@ -110,7 +112,7 @@ def judge_check(reference: Any, response: str, min_reasoning_tokens: int = 3) ->
     if not (answer.isdigit() and ref.isdigit()):
         return f"{answer} {ref}."
     pairs = itertools.zip_longest(answer[::-1], ref[::-1], fillvalue="_")
-    return f"{answer} {ref}. " + ", ".join(f"{x}={y} {'y' if x == y else 'n'}" for x, y in pairs) + "."
+    return f"{answer} {ref}. " + ", ".join(f"{x}{y} {'y' if x == y else 'n'}" for x, y in pairs) + "."
 
 
 def _judge_row(template: str, question: str, reference: Any, response: str, kind: str, check: bool) -> dict:
