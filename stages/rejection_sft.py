@@ -390,7 +390,11 @@ def _report(cfg: Config, ctx: StageContext, info: dict, results: list[dict], kep
     shown_ids = {id(r) for r in first.values()}
     shown = list(first.values()) + [r for r in rejected if id(r) not in shown_ids]
     rep.table("rejected-samples", _sample_rows(shown, cfg.show_samples), description="rejected samples and why")
-    rep.link("data-card", str(Path(ctx.out_dir) / "data" / "README.md"), description="stage-3 dataset card")
+    # The card's text, not a link: the folder is a staging folder until the version is registered.
+    from huggingface_hub import DatasetCard  # noqa: PLC0415
+
+    rep.markdown("data-card", DatasetCard.load(Path(ctx.out_dir) / "data" / "README.md").text,
+                 description="stage-3 dataset card (data/README.md in the version folder)")
     kc = info["kept_correct_share"]
     rep.markdown("dataset", f"**{info['n_train']}** training rows: {info['n_reasoning']} kept reasoning samples "
                             f"+ {info['n_general']} general; {info['n_rejected']} rejected of {info['n_generated']} "
