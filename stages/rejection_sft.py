@@ -302,6 +302,9 @@ def run(cfg: Config, ctx: StageContext) -> dict:
     if not (policy / "config.json").is_file():
         raise UserError(f"rejection-sft: expected the stage-2 checkpoint at {policy} (config.json missing)")
     prompts_ds = ctx.resolve_dataset(cfg.prompts, required_columns=("prompt", "answer"))
+    # loaded before hours of generation and judging, so that a missing dataset or column fails now
+    general = (ctx.resolve_dataset(cfg.general, required_columns=("prompt", "completion"))
+               if cfg.general is not None else None)
     data_dir = Path(ctx.out_dir) / "data"
     data_dir.mkdir(parents=True, exist_ok=True)
 
@@ -341,8 +344,7 @@ def run(cfg: Config, ctx: StageContext) -> dict:
     if not kept:  # a rehearsal checks the mechanics: a two-step stage 2 writes nothing worth keeping
         log.warning("rehearsal: %s; fine-tuning on general rows only", nothing_kept)
         ctx.reporter.warning("rehearsal", f"Rehearsal: {nothing_kept}. The SFT step runs on general rows only.")
-    if cfg.general is not None and (train or ctx.rehearsal):
-        general = ctx.resolve_dataset(cfg.general, required_columns=("prompt", "completion"))
+    if general is not None and (train or ctx.rehearsal):
         n_general = min(len(general), round(cfg.general_ratio * len(train)) if train else 8)
         picks = random.Random(ctx.seed).sample(range(len(general)), n_general)
         train += [{"prompt": general[i]["prompt"], "completion": general[i]["completion"], "source": "general",

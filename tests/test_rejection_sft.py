@@ -235,3 +235,27 @@ def test_run_stops_on_a_judge_that_accepts_everything(tmp_path, small_world, pol
     assert metrics["judge"]["mode"] == "rules-only (guard failed)"
     assert "judge guard failed" in rec.warnings["judge-guard"]
     assert metrics["kept_correct_share"] >= 0.99
+
+
+def test_a_bad_general_dataset_fails_before_generation(tmp_path, monkeypatch):
+    """The general rows are loaded first: a general dataset without a `completion` column is named before
+    any sample is generated or judged (it used to be loaded only after both)."""
+    from stages import rejection_sft
+
+    world = tmp_path / "world"
+    (world / "data").mkdir(parents=True)
+    (world / "data" / "rl_prompts.jsonl").write_text(
+        json.dumps({"prompt": [{"role": "user", "content": "What is 1 + 2?"}], "answer": "3"}) + "\n")
+    (world / "data" / "general_sft.jsonl").write_text(
+        json.dumps({"prompt": [{"role": "user", "content": "Hello!"}], "reply": "Hi."}) + "\n")
+    policy = tmp_path / "rl"
+    (policy / "model").mkdir(parents=True)
+    (policy / "model" / "config.json").write_text("{}")
+
+    def generate(*args, **kwargs):
+        raise AssertionError("generation started before the general dataset was checked")
+
+    monkeypatch.setattr(rejection_sft, "_generate_samples", generate)
+    cfg = Config(prompts="world:rl_prompts", general="world:general_sft")
+    with pytest.raises(UserError, match="completion"):
+        rejection_sft.run(cfg, _ctx(tmp_path, world, policy))
