@@ -111,15 +111,36 @@ def load_policy(path: str, trust_remote_code: bool = False):
     return model, tok
 
 
+# Training metrics shown live (progress artifact description, run log) when the trainer logs them.
+LIVE_METRICS = ("loss", "reward", "reward_std", "kl", "completions/mean_length", "mean_token_accuracy", "accuracy",
+                "grad_norm", "learning_rate")
+
+
+def live_metrics(logs: dict | None) -> str:
+    """The trainer's latest logged metrics in one line, e.g. `loss 0.531 · reward 1.21 · lr 0.003`."""
+    parts = []
+    for key in LIVE_METRICS:
+        value = (logs or {}).get(key)
+        if isinstance(value, (int, float)):
+            parts.append(f"{'lr' if key == 'learning_rate' else key} {value:.3g}")
+    return " · ".join(parts)
+
+
 def progress_callback(reporter, label: str):
-    """A TrainerCallback reporting `global_step / max_steps` to the stage's reporter."""
+    """A TrainerCallback that, at every trainer log, reports `global_step / max_steps` with the latest metrics
+    (loss, reward, ...) to the stage's reporter (the Prefect progress artifact's description) and logs them (the
+    Prefect run log): learning is visible while it happens, not only in the tables written at the end."""
     from transformers import TrainerCallback  # noqa: PLC0415
 
     class ProgressCallback(TrainerCallback):
         def on_log(self, args, state, control, logs=None, **kw):
+            metrics = live_metrics(logs)
+            if not metrics:  # e.g. the final train_runtime summary
+                return
+            line = f"{label}: step {state.global_step}/{state.max_steps or '?'} · {metrics}"
+            log.info(line)
             if state.max_steps:
-                reporter.progress(min(1.0, state.global_step / state.max_steps),
-                                  f"{label}: step {state.global_step}/{state.max_steps}")
+                reporter.progress(min(1.0, state.global_step / state.max_steps), line)
 
     return ProgressCallback()
 

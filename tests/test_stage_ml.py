@@ -158,3 +158,40 @@ def test_defaults_validate():
     cold_start_sft.Config()
     reasoning_rl.Config()
     evaluate.Config()
+
+
+@pytest.mark.parametrize("logs, expected", [
+    ({"loss": 0.53124, "learning_rate": 0.003, "epoch": 1.2}, "loss 0.531 · lr 0.003"),
+    ({"loss": 0.1, "reward": 1.2105, "kl": 0.0021, "completions/mean_length": 77.06},
+     "loss 0.1 · reward 1.21 · kl 0.0021 · completions/mean_length 77.1"),
+    ({"train_runtime": 12.0, "train_loss": 0.4}, ""),
+    (None, ""),
+])
+def test_live_metrics(logs, expected):
+    from stages.models import live_metrics
+
+    assert live_metrics(logs) == expected
+
+
+def test_progress_callback_reports_metrics_while_training(caplog):
+    """Each trainer log moves the progress artifact and shows the latest loss/reward in its description and in
+    the run log (it used to show only `step N/M`)."""
+    import logging
+    from types import SimpleNamespace
+
+    from stages.models import progress_callback
+
+    class Rec:
+        def __init__(self):
+            self.seen = []
+
+        def progress(self, fraction, message=""):
+            self.seen.append((fraction, message))
+
+    rec = Rec()
+    cb = progress_callback(rec, "cold-start")
+    with caplog.at_level(logging.INFO, logger="stages.models"):
+        cb.on_log(None, SimpleNamespace(global_step=40, max_steps=320), None, logs={"loss": 0.5312, "learning_rate": 3e-3})
+        cb.on_log(None, SimpleNamespace(global_step=320, max_steps=320), None, logs={"train_runtime": 99.0})
+    assert rec.seen == [(0.125, "cold-start: step 40/320 · loss 0.531 · lr 0.003")]
+    assert "cold-start: step 40/320 · loss 0.531 · lr 0.003" in caplog.text
