@@ -16,8 +16,7 @@ import yaml
 
 from pipeline.plan import TRAINERS, _effective_args, _trl_defaults
 
-FLOWS, STAGE_DEFAULT, RUN_DEFAULT, RUNTIME, TRL = "flows.yaml", "r1flow default", "r1flow run default", \
-    "set by r1flow", "TRL default"
+FLOWS, STAGE_DEFAULT, RUN_DEFAULT, RUNTIME = "flows.yaml", "r1flow default", "r1flow run default", "set by r1flow"
 _MISSING = object()
 
 
