@@ -36,6 +36,9 @@ def _fmt(v: Any) -> str:
 
 
 def _load(args):
+    mirror = getattr(args, "data_mirror", None)
+    if mirror:  # the flows re-read the config (and may run elsewhere): the environment carries the mirror to them
+        os.environ["R1FLOW_DATA_MIRROR"] = str(Path(mirror).expanduser().resolve())
     return load_config(args.config, rehearse=getattr(args, "rehearse", False))
 
 
@@ -187,7 +190,8 @@ def cmd_eval(args) -> int:
     if not (model / "config.json").is_file():
         raise UserError(f"version {v.id}: has no model to evaluate ({model})")
     world = v.path if v.stage == "world" else (store.get(v.parents["world"]).path if "world" in v.parents else None)
-    result = evaluate(str(model), pipe.eval, world, system_prompt=resolve_system_prompt(pipe.system_prompt))
+    result = evaluate(str(model), pipe.eval, world, system_prompt=resolve_system_prompt(pipe.system_prompt),
+                      mirror=pipe.data_mirror)
     if args.json:
         print(json.dumps(result, indent=2))
     else:
@@ -306,6 +310,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     rehearse_help = ("rehearsal: a few steps and rows per stage, versions under <storage_root>-rehearse "
                      "(checks the mechanics on CPU in minutes)")
+    mirror_help = ("folder laid out by hub id that replaces the hub: models at DIR/<org>/<name>/, datasets at "
+                   "DIR/<org>/<name>/<config or default>/<split>.jsonl (overrides flows.yaml's data_mirror)")
 
     s = sub.add_parser("validate", help="check a flows file; one line per problem, exit 2 if any")
     s.add_argument("file", nargs="?", default=None)
@@ -315,6 +321,7 @@ def build_parser() -> argparse.ArgumentParser:
         s.add_argument("--force", action="store_true", help="re-run even if a cached version exists")
         s.add_argument("--summary-json", default=None, metavar="PATH", help="write per-stage results as JSON")
         s.add_argument("--rehearse", action="store_true", help=rehearse_help)
+        s.add_argument("--data-mirror", default=None, metavar="DIR", help=mirror_help)
 
     s = sub.add_parser("world", help="build (or reuse) the tiny synthetic world")
     stage_opts(s)
@@ -332,6 +339,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--force", nargs="*", choices=STAGES, help="stages to re-run even if cached")
     s.add_argument("--summary-json", default=None, metavar="PATH")
     s.add_argument("--rehearse", action="store_true", help=rehearse_help)
+    s.add_argument("--data-mirror", default=None, metavar="DIR", help=mirror_help)
     s.set_defaults(func=cmd_run)
 
     s = sub.add_parser("plan", help="preflight in seconds: TRL configs, lengths, chat template, peak memory per stage",
@@ -341,8 +349,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("pipeline_name", nargs="?", default=None, metavar="PIPELINE")
     s.add_argument("--flows", default=None, metavar="FILE", help="flows file (as the global --config)")
     s.add_argument("--json", action="store_true", help="print the plan as JSON")
-    s.add_argument("--data-mirror", default=None, metavar="DIR",
-                   help="folder laid out by hub id (DIR/<org>/<name>/config.json) to read model configs from")
+    s.add_argument("--data-mirror", default=None, metavar="DIR", help=mirror_help)
     s.add_argument("--device-memory-gib", type=float, default=None, metavar="N",
                    help="accelerator memory per device (default 80 for device: cuda; no budget check on cpu)")
     s.set_defaults(func=cmd_plan)

@@ -107,6 +107,10 @@ def pipeline_model() -> type[BaseModel]:
             "world:base_model", description="`world:base_model` (tiny world), a local model folder, or a hub id"
         )
         trust_remote_code: bool = Field(False, description="allow models' own Python code; off unless you trust it")
+        data_mirror: str | None = Field(
+            None, description="folder laid out by hub id that replaces the hub (air-gapped clusters): models at "
+                              "DIR/<org>/<name>/, datasets at DIR/<org>/<name>/<config or default>/<split>.jsonl; "
+                              "relative to the config file; `--data-mirror DIR` or $R1FLOW_DATA_MIRROR override it")
         system_prompt: str | None = Field(
             None, description="system message added to every prompt the stages train, sample and evaluate on; `r1` "
                               "is R1's instruction to think in <think></think> and answer in <answer></answer>; "
@@ -174,21 +178,43 @@ class Loaded:
     """A validated flows.yaml: the file's path and its pipelines. With `rehearse`, every pipeline is its
     shrunken rehearsal (pipeline/rehearse.py) and stores its versions under `<storage_root>-rehearse`."""
 
-    def __init__(self, path: Path, default: str, pipelines: dict[str, BaseModel], rehearse: bool = False):
+    def __init__(self, path: Path, default: str, pipelines: dict[str, BaseModel], rehearse: bool = False,
+                 data_mirror: str | Path | None = None):
         self.path, self.default, self.pipelines, self.rehearse = path, default, pipelines, rehearse
-        self._rehearsals: dict[str, BaseModel] = {}
+        self.data_mirror = data_mirror  # overrides every pipeline's `data_mirror` (--data-mirror, $R1FLOW_DATA_MIRROR)
+        self._resolved: dict[str, BaseModel] = {}
 
     def get(self, name: str | None):
+        """(name, pipeline config): with the data mirror resolved to an absolute folder, and shrunk when
+        rehearsing."""
         name = name or self.default
         if name not in self.pipelines:
             raise UserError(f"--pipeline {name!r}: not in {self.path} (has: {', '.join(self.pipelines)})")
-        if not self.rehearse:
-            return name, self.pipelines[name]
-        if name not in self._rehearsals:
-            from pipeline.rehearse import rehearsal  # noqa: PLC0415
+        if name not in self._resolved:
+            pipe = self.pipelines[name]
+            mirror = self.mirror(name)
+            if mirror is not None:
+                pipe = pipe.model_copy(update={"data_mirror": str(mirror)})
+            if self.rehearse:
+                from pipeline.rehearse import rehearsal  # noqa: PLC0415
 
-            self._rehearsals[name] = rehearsal(self.pipelines[name])
-        return name, self._rehearsals[name]
+                pipe = rehearsal(pipe)
+            self._resolved[name] = pipe
+        return name, self._resolved[name]
+
+    def mirror(self, name: str) -> Path | None:
+        """The pipeline's data mirror as an absolute folder (the override's relative to the working directory,
+        flows.yaml's to the config file), or None; a folder that does not exist is a UserError."""
+        if self.data_mirror:
+            where, folder = "--data-mirror", Path(os.path.expanduser(str(self.data_mirror))).resolve()
+        elif self.pipelines[name].data_mirror:
+            folder = Path(os.path.expanduser(self.pipelines[name].data_mirror))
+            where, folder = f"pipelines.{name}.data_mirror", folder if folder.is_absolute() else (self.path.parent / folder).resolve()
+        else:
+            return None
+        if not folder.is_dir():
+            raise UserError(f"{where}: {folder} is not a folder (expected a data mirror laid out by hub id)")
+        return folder
 
     def storage_root(self, name: str) -> Path:
         root = Path(os.path.expanduser(self.pipelines[name].storage_root.format(pipeline=name)))
@@ -196,10 +222,12 @@ class Loaded:
         return root.with_name(root.name + "-rehearse") if self.rehearse else root
 
 
-def load_config(path: str | Path | None = None, rehearse: bool = False) -> Loaded:
+def load_config(path: str | Path | None = None, rehearse: bool = False, data_mirror: str | Path | None = None) -> Loaded:
     """Read and validate a flows file. Every problem becomes one line of a UserError. With `rehearse`,
-    pipelines come out shrunk for a rehearsal (see `Loaded`)."""
+    pipelines come out shrunk for a rehearsal (see `Loaded`); `data_mirror` (default $R1FLOW_DATA_MIRROR)
+    replaces every pipeline's own."""
     path = Path(path or os.environ.get("R1FLOW_CONFIG", DEFAULT_CONFIG_FILE))
+    data_mirror = data_mirror or os.environ.get("R1FLOW_DATA_MIRROR") or None
     if not path.is_file():
         raise UserError(f"{path}: config file not found")
     try:
@@ -226,4 +254,4 @@ def load_config(path: str | Path | None = None, rehearse: bool = False) -> Loade
         problems.append(f"{path}: default: {top.default!r} is not one of the pipelines ({', '.join(top.pipelines)})")
     if problems:
         raise UserError(*problems)
-    return Loaded(path.resolve(), top.default, pipelines, rehearse)
+    return Loaded(path.resolve(), top.default, pipelines, rehearse, data_mirror)

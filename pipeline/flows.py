@@ -170,6 +170,8 @@ def identity_config(pipe, stage: str, rehearsal: bool = False) -> dict[str, Any]
         "trust_remote_code": pipe.trust_remote_code,
         "system_prompt": resolve_system_prompt(pipe.system_prompt),
     }
+    if pipe.data_mirror:  # where hub data comes from: a mirror's rows may differ from the hub's
+        ident["data_mirror"] = str(pipe.data_mirror)
     if rehearsal:  # stages behave differently in a rehearsal (ctx.rehearsal)
         ident["rehearsal"] = True
     return ident
@@ -286,6 +288,7 @@ def execute_stage(loaded: Loaded, pipeline: str, stage: str, upstream: dict[str,
             inputs={s: store.require(v).path for s, v in parents.items()},
             pipeline=pipe, seed=pipe.seed, device=pipe.device, version_id=vid, parents=parents,
             system_prompt=resolve_system_prompt(pipe.system_prompt), rehearsal=loaded.rehearse,
+            data_mirror=Path(pipe.data_mirror) if pipe.data_mirror else None,
             **({"reporter": reporter} if reporter else {}),
         )
         log.info("%s: training version %s from %s", stage, vid, parents or "nothing")
@@ -299,7 +302,7 @@ def execute_stage(loaded: Loaded, pipeline: str, stage: str, upstream: dict[str,
             release_memory()  # the stage's trainer and engines are gone before evaluation starts its own
             log.info("%s: evaluating %s on held-out prompts", stage, model_dir.name)
             pending.metrics["eval"] = evaluate(str(model_dir), pipe.eval, ctx.inputs.get("world", pending.path if stage == "world" else None),
-                                               system_prompt=ctx.system_prompt)
+                                               system_prompt=ctx.system_prompt, mirror=ctx.data_mirror)
             pending.metrics["eval_config"] = pipe.eval.model_dump(mode="json")
             if "heldout_rm_score_after" in pending.metrics:  # stage 4 scores held-out general prompts
                 pending.metrics["eval"]["rm_score"] = pending.metrics["heldout_rm_score_after"]

@@ -8,7 +8,11 @@ For every stage of a validated pipeline it
   evaluation) against the context window of the model it applies to (`max_position_embeddings` in its
   config.json: a local folder, `--data-mirror DIR/<org>/<name>/`, or the Hugging Face cache, never the network);
 - reports the chat template and the end-of-turn and eos tokens when a tokenizer_config.json is at hand;
-- estimates the stage's peak accelerator memory (`estimate`) against the device's memory.
+- estimates the stage's peak accelerator memory (`estimate`) against the device's memory;
+- opens the first rows of every dataset it can reach without the network (local files, reasoning-gym tasks,
+  hub ids in the data mirror) and checks the columns each stage needs and, for the cold start, R1's
+  `<think>...</think><answer>...</answer>` completions (`DATASET_NEEDS`); hub ids without a mirror are noted
+  as not checked.
 
 Every problem is one line `pipeline/stage: field: problem (expected ...)`; the CLI exits 2 on any.
 Models of the tiny world (`world:NAME`) are built by the world stage: nothing to read, nothing checked.
@@ -38,6 +42,20 @@ PROMPT_ALLOWANCE = 512
 # layer's full set while it is recomputed.
 ATTENTION_VALUES, MLP_VALUES = 8.5, 4
 DEFAULT_DEVICE_MEMORY_GIB = 80.0
+# rows of each dataset the plan opens
+FIRST_ROWS = 8
+# stage -> [(field path in the stage's config, columns the stage requires)]: what each stage loads
+# (`ctx.resolve_dataset(..., required_columns=...)` in its module)
+DATASET_NEEDS = {
+    "cold-start": [("dataset", ("prompt", "completion"))],
+    "reasoning-rl": [("dataset", ("prompt", "answer")), ("monitor.dataset", ("prompt",)),
+                     ("monitor.general_dataset", ("prompt",))],
+    "rejection-sft": [("prompts", ("prompt", "answer")), ("general", ("prompt", "completion"))],
+    "reward-model": [("dataset", ("prompt", "chosen", "rejected")), ("guard.dataset", ("prompt", "chosen"))],
+    "preference-rl": [("prompts", ("prompt", "answer")), ("general_prompts", ("prompt",)),
+                      ("eval_general", ("prompt",)), ("monitor.dataset", ("prompt",)),
+                      ("monitor.general_dataset", ("prompt",)), ("rm_guard.dataset", ("prompt", "chosen"))],
+}
 
 # stage -> (TRL config class, the module constant the stage merges under `trainer:` at run time, or None)
 TRAINERS = {
@@ -295,7 +313,70 @@ class Plan:
         for stage in pipe.enabled_stages():
             if stage != "world":
                 self.stage(stage, pipe.stage_config(stage))
+        self.datasets()
         return self
+
+    def datasets(self) -> None:
+        """The first rows of every dataset: the columns each stage needs, R1's format in cold-start completions."""
+        refs = [("eval", "eval.dataset", self.pipe.eval.dataset, ("prompt", "answer"))]
+        if getattr(self.pipe.eval, "general_dataset", None) is not None:
+            refs.append(("eval", "eval.general_dataset", self.pipe.eval.general_dataset, ("prompt", "answer")))
+        for stage, needs in DATASET_NEEDS.items():
+            cfg = self.pipe.stage_config(stage)
+            for field, columns in needs if cfg is not None else ():
+                ref = cfg
+                for part in field.split("."):
+                    ref = getattr(ref, part, None)
+                if ref is not None:
+                    refs.append((stage, field, ref, columns))
+        from datasets.utils import logging as ds_logging  # noqa: PLC0415
+
+        bars = ds_logging.is_progress_bar_enabled()
+        ds_logging.disable_progress_bar()  # eight rows need no progress bars
+        try:
+            for stage, field, ref, columns in refs:
+                rows = self.first_rows(stage, field, ref, columns)
+                if stage == "cold-start" and rows:
+                    self.completion_format(stage, field, rows)
+        finally:
+            if bars:
+                ds_logging.enable_progress_bar()
+
+    def first_rows(self, stage: str, field: str, ref, columns: tuple[str, ...]) -> list[dict] | None:
+        """The first FIRST_ROWS rows of `ref` loaded as the stage loads it, or None (a problem, or not reachable)."""
+        from stages.common import UserError  # noqa: PLC0415
+        from stages.data import WORLD_PREFIX, ReasoningGymRef, _is_hub_id, as_spec, load  # noqa: PLC0415
+
+        if isinstance(ref, ReasoningGymRef):
+            task = ref.reasoning_gym
+            ref = ref.model_copy(update={"reasoning_gym": task.model_copy(update={"size": min(task.size, FIRST_ROWS)})})
+        else:
+            spec = as_spec(ref)
+            if spec.path.startswith(WORLD_PREFIX):
+                return None  # written by the world stage
+            if _is_hub_id(spec.path) and not self.data_mirror:
+                self.notes.append(f"{stage}: {field}: {spec.path} is a hub id: its rows are not checked without "
+                                  f"--data-mirror")
+                return None
+            ref = spec.model_copy(update={"limit": min(spec.limit or FIRST_ROWS, FIRST_ROWS)})
+        try:
+            ds = load(ref, None, columns, mirror=self.data_mirror)
+        except UserError as exc:
+            for line in exc.problems:
+                self.problem(stage, field, line)
+            return None
+        return [dict(r) for r in ds]
+
+    def completion_format(self, stage: str, field: str, rows: list[dict]) -> None:
+        """Cold-start completions teach R1's format: every row checked must have it."""
+        from stages.rewards import completion_text, format_problem  # noqa: PLC0415
+
+        bad = [(i, why) for i, r in enumerate(rows) if (why := format_problem(completion_text(r["completion"])))]
+        if bad:
+            i, why = bad[0]
+            self.problem(stage, field, f"{len(bad)} of the first {len(rows)} completions are not in R1's format "
+                                       f"(row {i}: {why}; expected <think>...</think><answer>...</answer>, e.g. "
+                                       f"`messages: {{format: r1}}` for a reasoning model's traces)")
 
     def policy_ref(self, stage: str, cfg) -> str:
         if stage == "reward-model":

@@ -398,6 +398,7 @@ class StageContext:
     parents: dict[str, str] = dataclasses.field(default_factory=dict)  # upstream stage -> version id
     system_prompt: str | None = None  # added to every conversational prompt the stage loads (R1's format contract)
     rehearsal: bool = False  # `--rehearse`: a few steps and rows, to check the mechanics, not the quality
+    data_mirror: Path | None = None  # hub ids of models and datasets are read from this folder (stages/data.py)
 
     def last_checkpoint(self, trainer_dir: Path) -> str | None:
         """The newest `checkpoint-N` folder under `trainer_dir`, to resume a killed run from."""
@@ -414,17 +415,18 @@ class StageContext:
 
     def resolve_model(self, ref: str) -> str:
         """`world:NAME` -> folder inside the world version; a local path must exist; anything else
-        is treated as a hub id."""
+        is treated as a hub id (its folder in the data mirror, when one is set)."""
         from stages.data import resolve_model  # noqa: PLC0415
 
-        return resolve_model(ref, self.inputs.get("world"))
+        return resolve_model(ref, self.inputs.get("world"), self.data_mirror)
 
     def resolve_dataset(self, ref, required_columns: tuple[str, ...] = ()):
         """Load a dataset reference (see `stages.data`), with the pipeline's system prompt added to its
         conversational prompts."""
         from stages.data import load  # noqa: PLC0415
 
-        return with_system_prompt(load(ref, self.inputs.get("world"), required_columns), self.system_prompt)
+        return with_system_prompt(load(ref, self.inputs.get("world"), required_columns, self.data_mirror),
+                                  self.system_prompt)
 
 
 # R1-Zero's instruction (DeepSeek-R1 report, table 1), as open-r1 puts it in a system prompt. `system_prompt: r1`

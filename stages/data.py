@@ -21,7 +21,12 @@ and `format: r1` rewrites that turn from a reasoning model's `<think>reasoning</
 `<think>reasoning</think><answer>...</answer>` (the answer block holds the summary, or with `answer: boxed` only
 the content of its last `\\boxed{}`); rows that cannot be converted are dropped and counted:
 
-    dataset: {path: open-r1/OpenR1-Math-220k, messages: {column: messages, format: r1, max_completion_chars: 11000}}"""
+    dataset: {path: open-r1/OpenR1-Math-220k, messages: {column: messages, format: r1, max_completion_chars: 11000}}
+
+A data mirror (`data_mirror:` in flows.yaml, `--data-mirror DIR` or `$R1FLOW_DATA_MIRROR`) replaces the hub on an
+air-gapped cluster: a hub model id `org/name` is read from `DIR/org/name/` (a model folder), a hub dataset from
+`DIR/org/name/<config or default>/<split>.jsonl` (or `.parquet`; the split's slice, e.g. `train[64:]`, is applied to
+that file). With a mirror set, a hub id missing from it is an error naming the file expected, never a download."""
 
 from __future__ import annotations
 
@@ -130,8 +135,29 @@ def as_spec(ref: DatasetRef) -> DatasetSpec | ReasoningGymRef:
     return ref if isinstance(ref, (DatasetSpec, ReasoningGymRef)) else DatasetSpec(path=ref)
 
 
-def resolve_model(ref: str, world_dir: Path | None) -> str:
-    """Turn a model reference into something `from_pretrained` accepts, or raise UserError."""
+def mirror_model_dir(ref: str, mirror: str | Path) -> Path:
+    """Where a data mirror keeps hub model `ref` (`org/name` -> `DIR/org/name`)."""
+    return Path(mirror) / ref
+
+
+def mirror_dataset_stem(spec: "DatasetSpec", mirror: str | Path) -> Path:
+    """`DIR/org/name/<config or default>/<split>` for hub dataset `spec` (the split without its slice)."""
+    return Path(mirror) / spec.path / (spec.name or "default") / re.sub(r"\[.*\]$", "", spec.split)
+
+
+def mirror_dataset_file(spec: "DatasetSpec", mirror: str | Path) -> Path | None:
+    """The file a data mirror holds for hub dataset `spec` (`<stem>.jsonl` or `<stem>.parquet`), or None."""
+    stem = mirror_dataset_stem(spec, mirror)
+    return next((f for f in (stem.with_suffix(".jsonl"), stem.with_suffix(".parquet")) if f.is_file()), None)
+
+
+def _is_hub_id(ref: str) -> bool:
+    return not ref.startswith((WORLD_PREFIX, ".", "/", "~")) and not Path(ref).expanduser().exists()
+
+
+def resolve_model(ref: str, world_dir: Path | None, mirror: str | Path | None = None) -> str:
+    """Turn a model reference into something `from_pretrained` accepts, or raise UserError. With a data
+    `mirror`, a hub id resolves to its folder there (an error when the mirror does not hold it)."""
     if ref.startswith(WORLD_PREFIX):
         if world_dir is None:
             raise UserError(f"model {ref!r}: refers to the tiny world, but this pipeline has no world stage")
@@ -144,6 +170,11 @@ def resolve_model(ref: str, world_dir: Path | None) -> str:
         if not (path / "config.json").is_file():
             raise UserError(f"model {ref!r}: no model folder (config.json) at {path.resolve()}")
         return str(path.resolve())
+    if mirror is not None:
+        folder = mirror_model_dir(ref, mirror)
+        if not (folder / "config.json").is_file():
+            raise UserError(f"model {ref!r}: not in the data mirror (expected a model folder with config.json at {folder})")
+        return str(folder.resolve())
     return ref  # a hub id; loading errors are reported by the caller
 
 
@@ -255,9 +286,11 @@ def _file_split(split: str) -> str:
     return "train" + (match.group(0) if match else "")
 
 
-def load(ref: DatasetRef, world_dir: Path | None, required_columns: tuple[str, ...] = ()):
+def load(ref: DatasetRef, world_dir: Path | None, required_columns: tuple[str, ...] = (),
+         mirror: str | Path | None = None):
     """Load a dataset reference as a `datasets.Dataset`, renaming mapped columns and checking that
-    `required_columns` exist. Problems raise UserError naming the dataset and the columns."""
+    `required_columns` exist. Problems raise UserError naming the dataset and the columns. With a data
+    `mirror`, hub datasets are read from it (see the module's docstring)."""
     import datasets  # noqa: PLC0415
 
     if isinstance(ref, ReasoningGymRef):
@@ -273,6 +306,11 @@ def load(ref: DatasetRef, world_dir: Path | None, required_columns: tuple[str, .
         ds = datasets.load_dataset("json", data_files=str(file), split="train")
     else:
         local = Path(spec.path).expanduser()
+        if mirror is not None and _is_hub_id(spec.path):
+            local = mirror_dataset_file(spec, mirror)
+            if local is None:
+                raise UserError(f"dataset {label!r}: not in the data mirror (expected "
+                                f"{mirror_dataset_stem(spec, mirror)}.jsonl or .parquet)")
         try:
             if local.is_file():
                 kind = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}.get(local.suffix)

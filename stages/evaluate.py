@@ -81,16 +81,17 @@ def generation_settings(cfg: Config, model_path: str, prompts: list) -> dict:
 
 
 def evaluate(model_path: str, cfg: Config, world_dir: Path | None, rewards_cfg=None,
-             progress: Callable[[float], None] | None = None, system_prompt: str | None = None) -> dict:
-    """Evaluate `model_path` on `cfg.dataset` (prompts carry `system_prompt`, as in training); returns
-    JSON-able metrics (see module doc)."""
+             progress: Callable[[float], None] | None = None, system_prompt: str | None = None,
+             mirror: str | Path | None = None) -> dict:
+    """Evaluate `model_path` on `cfg.dataset` (prompts carry `system_prompt`, as in training; hub datasets come
+    from the data `mirror` when one is set); returns JSON-able metrics (see module doc)."""
     from stages.common import with_system_prompt  # noqa: PLC0415
     from stages.data import load  # noqa: PLC0415
     from stages.generation import GenerationConfig, generate  # noqa: PLC0415
     from stages.rewards import extract_answer, format_reward, score_completion, verify_answer  # noqa: PLC0415
 
     t0 = time.time()
-    ds = load(cfg.dataset, world_dir, required_columns=("prompt", "answer"))
+    ds = load(cfg.dataset, world_dir, required_columns=("prompt", "answer"), mirror=mirror)
     if cfg.limit:
         ds = ds.select(range(min(cfg.limit, len(ds))))
     ds = with_system_prompt(ds, system_prompt)
@@ -141,14 +142,14 @@ def evaluate(model_path: str, cfg: Config, world_dir: Path | None, rewards_cfg=N
     if rewards_cfg is not None:
         metrics["mean_reward"] = _mean(rewards)
     if cfg.general_dataset is not None:
-        metrics.update(general_metrics(model_path, cfg, world_dir, gen, system_prompt))
+        metrics.update(general_metrics(model_path, cfg, world_dir, gen, system_prompt, mirror))
     log.info("eval %s: pass@1 %.3f greedy %s format %.3f (%d prompts, k=%d, %.0fs)", model_path, metrics["pass@1"],
              metrics["greedy_accuracy"], metrics["format_rate"], len(prompts), cfg.k, metrics["seconds"])
     return metrics
 
 
 def general_metrics(model_path: str, cfg: Config, world_dir: Path | None, gen: dict,
-                    system_prompt: str | None = None) -> dict:
+                    system_prompt: str | None = None, mirror: str | Path | None = None) -> dict:
     """The general half of an evaluation: greedy answers to `cfg.general_dataset` (columns prompt, answer;
     optional family) scored against their short references (see module doc). `gen`: the evaluation's
     generation settings."""
@@ -157,7 +158,7 @@ def general_metrics(model_path: str, cfg: Config, world_dir: Path | None, gen: d
     from stages.generation import GenerationConfig, generate  # noqa: PLC0415
     from stages.monitor import general_correct, repetition_rate  # noqa: PLC0415
 
-    ds = load(cfg.general_dataset, world_dir, required_columns=("prompt", "answer"))
+    ds = load(cfg.general_dataset, world_dir, required_columns=("prompt", "answer"), mirror=mirror)
     if cfg.limit:
         ds = ds.select(range(min(cfg.limit, len(ds))))
     ds = with_system_prompt(ds, system_prompt)

@@ -210,10 +210,10 @@ def preference_pairs(rows: list[dict], replies: list[list[str]], oks: list[list[
 # ----------------------------------------------------------------------------- stage
 
 
-def _rows(ref: DatasetRef, name: str) -> list[dict]:
+def _rows(ref: DatasetRef, name: str, mirror: Path | None = None) -> list[dict]:
     from stages.data import load  # noqa: PLC0415
 
-    ds = load(ref, None)
+    ds = load(ref, None, mirror=mirror)
     if len(ds) == 0:
         raise UserError(f"world.datasets.{name}: the dataset is empty")
     return [dict(r) for r in ds]
@@ -406,7 +406,7 @@ def run(cfg: Config, ctx: StageContext) -> dict:
     (out / "cards").mkdir(parents=True, exist_ok=True)
 
     ctx.reporter.progress(0.0, "reading datasets")
-    data = {name: _rows(ref, name) for name, ref in cfg.datasets.items()}
+    data = {name: _rows(ref, name, ctx.data_mirror) for name, ref in cfg.datasets.items()}
     ctx.reporter.progress(0.05, "importing the base model")
     model_info = _import_model(cfg.base_model, out / "base_model")
     log.info("base model imported: %s", model_info)

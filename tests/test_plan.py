@@ -257,3 +257,52 @@ def test_run_stops_before_any_stage_when_the_plan_fails(capsys, tmp_path, monkey
     assert code == 2
     assert err.splitlines()[0].startswith("error: p/cold-start: trainer.max_length: 65536 tokens exceed")
     assert "nothing was run" in err
+
+
+# ------------------------------------------------------------------------------------ the datasets' first rows
+
+
+def test_the_recipes_datasets_are_opened_in_the_mirror(capsys):
+    code, out, err = run_cli(capsys, "plan", QWEN, "--flows", FLOWS, "--data-mirror", HUB, "--json")
+    assert code == 0, err
+    notes = json.loads(out)["notes"]
+    assert not any("not checked" in n for n in notes), notes  # every dataset of the recipe is in the mirror
+
+
+def test_without_a_mirror_hub_datasets_are_noted_not_checked(capsys):
+    code, out, err = run_cli(capsys, "plan", QWEN, "--flows", FLOWS, "--json")
+    assert code == 0, err
+    notes = json.loads(out)["notes"]
+    assert ("cold-start: dataset: open-r1/OpenR1-Math-220k is a hub id: its rows are not checked without "
+            "--data-mirror") in notes
+
+
+def test_a_cold_start_on_human_solutions_fails_the_plan(capsys, tmp_path):
+    """The recipe's old cold start (OpenR1-Math's `solution` column, no <think>/<answer>): the format reward would
+    be 0 and stage 3's format filter would reject every sample; the plan says so before any training."""
+    def human(pipes):
+        pipes[QWEN]["stages"]["cold-start"]["dataset"] = {
+            "path": "open-r1/OpenR1-Math-220k", "name": "default", "split": "train",
+            "columns": {"prompt": "problem", "completion": "solution"}}
+
+    code, _, err = run_cli(capsys, "plan", QWEN, "--flows", flows_with(tmp_path, human), "--data-mirror", HUB)
+    assert code == 2
+    lines = err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith(
+        f"error: {QWEN}/cold-start: dataset: 3 of the first 3 completions are not in R1's format (row 0: "), err
+    assert "Traceback" not in err
+
+
+def test_a_wrong_column_or_a_missing_dataset_is_a_plan_line(capsys, tmp_path):
+    def broken(pipes):
+        pipes[QWEN]["stages"]["reasoning-rl"]["dataset"]["columns"]["answer"] = "final_answer"
+        pipes[QWEN]["eval"]["dataset"]["path"] = "HuggingFaceH4/MATH-501"
+
+    code, _, err = run_cli(capsys, "plan", QWEN, "--flows", flows_with(tmp_path, broken), "--data-mirror", HUB)
+    assert code == 2
+    lines = err.splitlines()
+    assert any(line.startswith(f"error: {QWEN}/reasoning-rl: dataset: dataset 'DigitalLearningGmbH/MATH-lighteval': "
+                               "column 'final_answer' named in `columns` not found") for line in lines), err
+    assert any(line.startswith(f"error: {QWEN}/eval: eval.dataset: dataset 'HuggingFaceH4/MATH-501': not in the data "
+                               f"mirror (expected {HUB}/HuggingFaceH4/MATH-501/default/test.jsonl")
+               for line in lines), err
