@@ -198,7 +198,7 @@ class Loaded:
             if self.rehearse:
                 from pipeline.rehearse import rehearsal  # noqa: PLC0415
 
-                pipe = rehearsal(pipe)
+                pipe = rehearsal(pipe, self.storage_root(name))
             self._resolved[name] = pipe
         return name, self._resolved[name]
 

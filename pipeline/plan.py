@@ -111,7 +111,7 @@ def param_count(config: dict[str, Any], head: str = "lm") -> int:
     return vocab * h + n_layers * layer + h + head_params
 
 
-def _model_dir(ref: str, data_mirror: str | Path | None) -> Path | None:
+def find_model_dir(ref: str, data_mirror: str | Path | None) -> Path | None:
     """The folder holding `ref`'s config.json: a local folder, the mirror's `<org>/<name>/`, or the HF cache
     (offline)."""
     local = Path(ref).expanduser()
@@ -172,7 +172,7 @@ def read_model(ref: str, data_mirror: str | Path | None = None, head: str = "lm"
     """ModelInfo of a model reference (`head="score"` for a reward model)."""
     if ref.startswith("world:"):
         return ModelInfo(ref, note="built by the world stage")
-    folder = _model_dir(ref, data_mirror)
+    folder = find_model_dir(ref, data_mirror)
     if folder is None:
         return ModelInfo(ref, note="config.json not found (local folder, --data-mirror or HF cache): not checked")
     config = json.loads((folder / "config.json").read_text())

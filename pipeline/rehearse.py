@@ -6,15 +6,26 @@ then accepts a run where no sample survived the filters, which a two-step cold s
 
 The shrinking works on the validated config: trainer blocks get `max_steps: 2` and small batches,
 datasets are capped to a few rows, generation to a few short samples, guards continue on failure (their
-outcome is still recorded), and evaluation generates with transformers. Everything else (models,
-templates, stage backends, filters, rewards) stays as configured.
+outcome is still recorded), and evaluation generates with transformers. Everything else (templates, stage
+backends, filters, rewards) stays as configured.
+
+A rehearsal runs on CPU: a `device: cuda` pipeline rehearses with `device: cpu`, vLLM without CUDA graphs
+(`enforce_eager`) and GRPO generating with transformers (TRL's colocated vLLM needs CUDA), the GPU-only parts a
+rehearsal cannot check. A hub model whose weights are not at hand (a data mirror of configs and tokenizers) or
+that is over STAND_IN_MAX_PARAMS is replaced by a stand-in (`stages.models.shrink_model`: its architecture,
+context window, special tokens and chat template, two narrow layers of random weights), built once under
+`<storage_root>-rehearse/stand-ins/<org>/<name>/`.
 """
 
 from __future__ import annotations
 
+import os
+import shutil
+from pathlib import Path
 from typing import Any
 
 REHEARSAL_ROWS = 24  # rows kept of every dataset
+STAND_IN_MAX_PARAMS = 500_000_000  # larger hub models get a stand-in (a rehearsal runs on CPU in minutes)
 STEPS = {"max_steps": 2, "save_steps": 1, "logging_steps": 1, "gradient_accumulation_steps": 1}
 GRPO = {"num_generations": 2, "per_device_train_batch_size": 4, "max_completion_length": 32}
 BATCH = {"per_device_train_batch_size": 4}
@@ -39,7 +50,10 @@ def cap_dataset(ref: Any, rows: int = REHEARSAL_ROWS) -> Any:
 
 
 def _short(gen, n: int = 2, tokens: int = 48):
-    return gen.model_copy(update={"n": min(gen.n, n), "max_new_tokens": min(gen.max_new_tokens, tokens)})
+    update = {"n": min(gen.n, n), "max_new_tokens": min(gen.max_new_tokens, tokens)}
+    if "enforce_eager" in type(gen).model_fields:
+        update["enforce_eager"] = True  # on CPU: no CUDA graphs, no compilation
+    return gen.model_copy(update=update)
 
 
 def _trainer(args: dict, grpo: bool = False) -> dict:
@@ -48,6 +62,7 @@ def _trainer(args: dict, grpo: bool = False) -> dict:
     for key, value in (GRPO if grpo else BATCH).items():
         out[key] = min(out.get(key, value), value) if key != "num_generations" else value
     if grpo:
+        out["use_vllm"] = False  # TRL's colocated vLLM needs CUDA: GRPO generates with transformers on CPU
         out["per_device_train_batch_size"] = GRPO["per_device_train_batch_size"]
         out.pop("generation_batch_size", None)
         out.pop("steps_per_generation", None)
@@ -68,9 +83,62 @@ def _rm_guard(g):
                                 "dataset": cap_dataset(g.dataset) if g.dataset is not None else None})
 
 
-def rehearsal(pipe):
-    """A copy of the validated pipeline `pipe`, shrunk for a rehearsal."""
+# text the stand-in tokenizers learn their merges from (prompts, R1's tags, arithmetic and LaTeX)
+STAND_IN_CORPUS = [
+    "A conversation between User and Assistant. The user asks a question, and the Assistant solves it. The assistant "
+    "first thinks about the reasoning process in the mind and then provides the user with the answer.",
+    "<think> reasoning process here </think><answer> answer here </answer>",
+    "What is $3 + 4$? Compute $12 \\times 7$. The answer is $\\boxed{84}$. \\frac{1}{2} 0123456789 + - * / = ( )",
+    "Give me two sentences about the sea. Explain how a bicycle works to a ten-year-old. Sorry, I can not help.",
+]
+
+
+def _model_refs(p) -> list[tuple[Any, str]]:
+    """(config object, field) of every model reference a pipeline names."""
+    st = p.stages
+    refs: list[tuple[Any, str]] = [(p, "base_model")]
+    refs += [(c, "model") for c in (st.cold_start, st.reasoning_rl, st.reward_model, st.preference_rl) if c is not None]
+    if st.preference_rl is not None:
+        refs.append((st.preference_rl, "reward_model"))
+    if st.rejection_sft is not None and st.rejection_sft.judge is not None:
+        refs.append((st.rejection_sft.judge, "model"))
+    return refs
+
+
+def stand_in(ref: str | None, mirror: str | None, root: Path) -> str | None:
+    """The folder of `ref`'s stand-in (built on first use), or None when the rehearsal uses `ref` itself: not a
+    hub id, no config.json at hand (mirror or HF cache) to shrink from, or weights at hand and a size CPU takes."""
+    import json  # noqa: PLC0415
+
+    from pipeline.plan import find_model_dir, param_count  # noqa: PLC0415
+    from stages.data import _is_hub_id  # noqa: PLC0415
+
+    if not ref or not _is_hub_id(ref):
+        return None
+    folder = find_model_dir(ref, mirror)
+    if folder is None:
+        return None
+    if any(folder.glob("*.safetensors")) and param_count(json.loads((folder / "config.json").read_text())) <= STAND_IN_MAX_PARAMS:
+        return None
+    out = root / "stand-ins" / ref
+    if not (out / "stand_in.json").is_file():
+        from stages.models import shrink_model  # noqa: PLC0415
+
+        tmp = out.with_name(f".{out.name}.{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        shrink_model(folder, tmp, ref, STAND_IN_CORPUS)
+        try:
+            os.replace(tmp, out)  # atomic; another process may have built it meanwhile
+        except OSError:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return str(out)
+
+
+def rehearsal(pipe, root: Path | None = None):
+    """A copy of the validated pipeline `pipe`, shrunk for a rehearsal; hub models that need one are replaced by
+    stand-ins under `root` (the rehearsal's storage root; None: no stand-ins)."""
     p = pipe.model_copy(deep=True)
+    p.device = "cpu"
     # Evaluation generates with transformers in a rehearsal: five vLLM engine starts would be a third of it, and
     # the vLLM path is the one the world's self-samples and stage 3 take anyway (same `stages.generation`).
     p.eval = p.eval.model_copy(update={"limit": 4, "k": 2, "max_new_tokens": min(p.eval.max_new_tokens, 48),
@@ -113,4 +181,9 @@ def rehearsal(pipe):
                   "dpo": c.dpo.model_copy(update={"num_prompts": 8, "generation": _short(c.dpo.generation, 2, 32)}),
                   "dpo_trainer": _trainer(c.dpo_trainer)}
         st.preference_rl = c.model_copy(update=update)
+    if root is not None:
+        for obj, field in _model_refs(p):
+            folder = stand_in(getattr(obj, field), p.data_mirror, Path(root))
+            if folder is not None:
+                setattr(obj, field, folder)
     return p

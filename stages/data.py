@@ -73,6 +73,9 @@ class DatasetSpec(BaseModel):
     path: str = Field(description="`world:NAME`, a local file/folder, or a hub dataset id")
     name: str | None = Field(None, description="hub dataset configuration name")
     split: str = Field("train", description="split to load")
+    revision: str | None = Field(
+        None, description="hub revision to load (a commit sha, or a tag or branch): pin it so a re-run reads the same "
+                          "rows; part of the version id and manifest (a data mirror holds one snapshot and ignores it)")
     columns: dict[str, str] = Field(
         default_factory=dict,
         description="r1flow column name -> dataset column name, e.g. {prompt: problem, answer: solution}",
@@ -320,7 +323,7 @@ def load(ref: DatasetRef, world_dir: Path | None, required_columns: tuple[str, .
             elif local.is_dir() and (local / "dataset_info.json").exists():
                 ds = datasets.load_from_disk(str(local))
             else:
-                ds = datasets.load_dataset(spec.path, spec.name, split=spec.split)
+                ds = datasets.load_dataset(spec.path, spec.name, split=spec.split, revision=spec.revision)
         except UserError:
             raise
         except Exception as exc:  # network, missing split, missing file...

