@@ -125,7 +125,7 @@ def _plan(args, loaded, name: str):
 
     _, pipe = loaded.get(name)
     return plan(name, pipe, getattr(args, "device_memory_gib", None), getattr(args, "data_mirror", None),
-                check_memory=not loaded.rehearse)
+                check_memory=not loaded.rehearse, config_dir=loaded.path.parent)
 
 
 def _plan_line(problem: str) -> str:

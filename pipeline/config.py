@@ -13,7 +13,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, create_model, field_validator,
+                      model_validator)
 
 from stages.common import UserError
 
@@ -51,11 +52,63 @@ def _field_name(stage: str) -> str:
     return stage.replace("-", "_")
 
 
+# Stages whose work is training alone (rank-aware under a multi-process launch): the others sample with vLLM,
+# judge or evaluate inside the stage, which one process does today.
+LAUNCHABLE_STAGES = ("cold-start", "reward-model")
+
+
+class LauncherConfig(BaseModel):
+    """How a stage's training is launched (`launcher:` in a stage's block; pipeline/launch.py)."""
+
+    model_config = ConfigDict(extra="forbid")
+    kind: Literal["in-process", "accelerate"] = Field(
+        "in-process", description="`in-process`: the stage runs inside its Prefect task (one process, one device); "
+                                  "`accelerate`: `accelerate launch` runs it as a child process group (DDP, or "
+                                  "DeepSpeed/FSDP through config_file)")
+    num_processes: int = Field(1, ge=1, description="processes in all (one per GPU; on CPU, gloo processes)")
+    num_machines: int = Field(1, ge=1, description="machines taking part (each runs the same stage flow)")
+    machine_rank: int = Field(0, ge=0, description="this machine's rank (0 on the machine that registers the version)")
+    main_process_ip: str | None = Field(None, description="address of machine 0 when num_machines > 1")
+    main_process_port: int | None = Field(None, ge=1, le=65535, description="rendezvous port (default: a free one)")
+    config_file: str | None = Field(None, description="accelerate config (DeepSpeed ZeRO-2/3, FSDP: examples in "
+                                                       "configs/accelerate/), relative to the flows file")
+
+    @field_validator("config_file")
+    @classmethod
+    def _config_file_exists(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if value is None:
+            return None
+        path = Path(os.path.expanduser(value))
+        base = (info.context or {}).get("config_dir")
+        full = path if path.is_absolute() or base is None else Path(base) / path
+        if not full.is_file():
+            raise ValueError(f"{full} not found (expected an accelerate config file: DeepSpeed, FSDP or DDP)")
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self):
+        if self.kind == "in-process" and (self.num_processes > 1 or self.num_machines > 1 or self.config_file):
+            raise ValueError("num_processes, num_machines and config_file need `kind: accelerate`")
+        if self.num_machines > 1 and not self.main_process_ip:
+            raise ValueError("main_process_ip: required when num_machines > 1 (the address of machine 0)")
+        if self.machine_rank >= self.num_machines:
+            raise ValueError(f"machine_rank: {self.machine_rank} (expected < num_machines, {self.num_machines})")
+        return self
+
+
+def _launchable(stage: str) -> type[BaseModel]:
+    """A stage's Config with the orchestration field `launcher`."""
+    base = stage_module(stage).Config
+    return create_model(base.__name__, __base__=base, __module__=base.__module__,
+                        launcher=(LauncherConfig, Field(default_factory=LauncherConfig,
+                                                        description="how the stage's training is launched")))
+
+
 @lru_cache(maxsize=1)
 def stages_model() -> type[BaseModel]:
     """`stages:` mapping: one optional block per training stage, keyed by its CLI name."""
     fields: dict[str, Any] = {
-        _field_name(s): (stage_module(s).Config | None, Field(None, alias=s, description=f"settings of `{s}`"))
+        _field_name(s): (_launchable(s) | None, Field(None, alias=s, description=f"settings of `{s}`"))
         for s in TRAINING_STAGES
     }
     return create_model(
@@ -127,6 +180,12 @@ def pipeline_model() -> type[BaseModel]:
             uses_world = self.base_model.startswith("world:")
             if uses_world and self.world is None:
                 raise ValueError("base_model: refers to the tiny world (`world:`), but the pipeline has no `world:` block")
+            bad = [s for s in TRAINING_STAGES if s not in LAUNCHABLE_STAGES and self.stage_config(s) is not None
+                   and self.stage_config(s).launcher.kind != "in-process"]
+            if bad:
+                raise ValueError("; ".join(f"stages.{s}.launcher: kind accelerate runs {' and '.join(LAUNCHABLE_STAGES)} "
+                                           f"today ({s} samples or evaluates inside the stage, which is not rank-aware "
+                                           f"yet; expected kind: in-process)" for s in bad))
             return self
 
         def stage_config(self, stage: str):

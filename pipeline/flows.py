@@ -159,6 +159,9 @@ def identity_config(pipe, stage: str, rehearsal: bool = False) -> dict[str, Any]
     for block in ("trainer", "dpo_trainer"):  # where the logs go (a tracker, a run name) never changes the output
         if isinstance(stage_cfg.get(block), dict):
             stage_cfg[block] = {k: v for k, v in stage_cfg[block].items() if k not in NOT_IN_VERSION_ID}
+    launcher = stage_cfg.pop("launcher", None) or {}
+    if launcher.get("kind", "in-process") != "in-process":  # the world size changes the effective batch
+        stage_cfg["launcher"] = {k: launcher[k] for k in ("kind", "num_processes", "num_machines", "config_file")}
     monitor = stage_cfg.get("monitor")
     if isinstance(monitor, dict) and monitor.get("enabled", True) and monitor.get("dataset") is None:
         monitor["dataset"] = pipe.eval.model_dump(mode="json").get("dataset") or "world:eval"
@@ -292,7 +295,13 @@ def execute_stage(loaded: Loaded, pipeline: str, stage: str, upstream: dict[str,
             **({"reporter": reporter} if reporter else {}),
         )
         log.info("%s: training version %s from %s", stage, vid, parents or "nothing")
-        metrics = stage_module(stage, stage_cfg).run(stage_cfg, ctx)
+        launcher = getattr(stage_cfg, "launcher", None)
+        if launcher is not None and launcher.kind != "in-process":
+            from pipeline.launch import run_launched  # noqa: PLC0415
+
+            metrics = run_launched(loaded.path, pipeline, stage, ctx, launcher, loaded.rehearse)
+        else:
+            metrics = stage_module(stage, stage_cfg).run(stage_cfg, ctx)
         pending.metrics.update(metrics or {})
         model_dir = _eval_model_dir(stage, pending.path)
         if model_dir is not None:

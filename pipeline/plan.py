@@ -227,6 +227,32 @@ def estimate(model: ModelInfo, *, dtype: str = "float32", mixed_precision: bool 
     return parts
 
 
+def sharding(launcher, config_dir: Path | None = None) -> tuple[str, int, tuple[str, ...]]:
+    """(label, ways, parts divided) of a stage's launcher: DDP replicates everything; DeepSpeed ZeRO-1 shards the
+    optimizer states over the processes, ZeRO-2 also the gradients, ZeRO-3 and FSDP's FULL_SHARD also the
+    weights (SHARD_GRAD_OP: gradients and optimizer)."""
+    if launcher is None or launcher.kind == "in-process":
+        return "", 1, ()
+    ways = launcher.num_processes
+    if not launcher.config_file:
+        return f"DDP x{ways}", ways, ()
+    import yaml  # noqa: PLC0415
+
+    path = Path(launcher.config_file).expanduser()
+    path = path if path.is_absolute() or config_dir is None else config_dir / path
+    cfg = yaml.safe_load(path.read_text()) or {}
+    kind = str(cfg.get("distributed_type", "")).upper()
+    if kind == "DEEPSPEED":
+        zero = int((cfg.get("deepspeed_config") or {}).get("zero_stage", 0))
+        parts = {1: ("optimizer",), 2: ("optimizer", "grads"), 3: ("optimizer", "grads", "weights")}.get(zero, ())
+        return f"ZeRO-{zero} x{ways}", ways, parts
+    if kind == "FSDP":
+        strategy = str((cfg.get("fsdp_config") or {}).get("fsdp_sharding_strategy", "FULL_SHARD")).upper()
+        parts = ("optimizer", "grads") if "SHARD_GRAD_OP" in strategy else ("optimizer", "grads", "weights")
+        return f"FSDP x{ways}", ways, parts
+    return f"DDP x{ways}", ways, ()
+
+
 # ------------------------------------------------------------------------------------------ the plan
 
 
@@ -252,8 +278,8 @@ class Plan:
     """The plan of one pipeline: rows (one per training stage) and problems (one line each)."""
 
     def __init__(self, name: str, pipe, device_memory_gib: float | None = None, data_mirror: str | None = None,
-                 check_memory: bool = True):
-        self.name, self.pipe = name, pipe
+                 check_memory: bool = True, config_dir: Path | None = None):
+        self.name, self.pipe, self.config_dir = name, pipe, config_dir
         self.data_mirror = data_mirror or getattr(pipe, "data_mirror", None)  # a flows.yaml setting, once it exists
         self.device = pipe.device
         memory = device_memory_gib or getattr(pipe, "device_memory_gib", None) or DEFAULT_DEVICE_MEMORY_GIB
@@ -445,7 +471,11 @@ class Plan:
                          seq=seq, checkpointing=bool(args.get("gradient_checkpointing")),
                          ref=model if beta and beta > 0 else None, rm=rm, rm_dtype=rm_dtype or "float32",
                          vllm_bytes=(args.get("vllm_gpu_memory_utilization") or 0) * (self.budget or 0) if colocated else 0)
-        row.update(parts, rm_dtype=rm_dtype if rm else None, budget=self.budget,
+        label, ways, divided = sharding(getattr(self.pipe.stage_config(stage), "launcher", None), self.config_dir)
+        for part in divided:  # per device: each process holds 1/ways of a sharded part
+            parts[part] = parts[part] // ways
+        parts["total"] = sum(v for k, v in parts.items() if k != "total")
+        row.update(parts, rm_dtype=rm_dtype if rm else None, budget=self.budget, sharding=label or None,
                    fits=None if self.budget is None else parts["total"] <= self.budget)
         if row["fits"] is False:
             self.problem(stage, *self._advice(field, args, parts, rm_dtype))
@@ -508,12 +538,14 @@ class Plan:
                 **{k: gib(r.get(k)) for k in ("weights", "grads", "optimizer", "ref", "rm", "vllm", "activations",
                                               "total", "budget")},
                 "fits": {True: "yes", False: "NO", None: "-"}[r["fits"]],
+                **({"sharding": r["sharding"]} if any(x.get("sharding") for x in self.rows) else {}),
             })
         return out
 
 
 def plan(name: str, pipe, device_memory_gib: float | None = None, data_mirror: str | None = None,
-         check_memory: bool = True) -> Plan:
+         check_memory: bool = True, config_dir: Path | None = None) -> Plan:
     """The plan of pipeline `name` (a validated PipelineConfig); `check_memory=False` (a rehearsal, which runs a
-    few steps wherever it is started) estimates memory without a budget."""
-    return Plan(name, pipe, device_memory_gib, data_mirror, check_memory).build()
+    few steps wherever it is started) estimates memory without a budget; `config_dir` resolves launchers'
+    relative config files."""
+    return Plan(name, pipe, device_memory_gib, data_mirror, check_memory, config_dir).build()

@@ -306,3 +306,34 @@ def test_a_wrong_column_or_a_missing_dataset_is_a_plan_line(capsys, tmp_path):
     assert any(line.startswith(f"error: {QWEN}/eval: eval.dataset: dataset 'HuggingFaceH4/MATH-501': not in the data "
                                f"mirror (expected {HUB}/HuggingFaceH4/MATH-501/default/test.jsonl")
                for line in lines), err
+
+
+# ------------------------------------------------------------------------------------ sharded launches
+
+
+def test_a_7b_cold_start_fits_only_when_sharded_over_8_gpus(capsys, tmp_path):
+    """Full fine-tuning of a 7B model needs ~140 GiB on one device (float32 weights, gradients, Adam); DeepSpeed
+    ZeRO-3 over 8 processes divides weights, gradients and optimizer states by 8 (ZeRO-2: gradients and
+    optimizer)."""
+    zero3, zero2 = ROOT / "configs" / "accelerate" / "zero3.yaml", ROOT / "configs" / "accelerate" / "zero2.yaml"
+
+    def seven_b(launcher):
+        def edit(pipes):
+            pipes[QWEN]["stages"]["cold-start"]["model"] = "Qwen/Qwen2.5-7B-Instruct"
+            if launcher:
+                pipes[QWEN]["stages"]["cold-start"]["launcher"] = launcher
+        return edit
+
+    code, _, err = run_cli(capsys, "plan", QWEN, "--flows", flows_with(tmp_path, seven_b(None)), "--data-mirror", HUB)
+    assert code == 2 and f"{QWEN}/cold-start: " in err and "of the device's 80 GiB" in err
+    code, out, err = run_cli(capsys, "plan", QWEN, "--flows", flows_with(tmp_path, seven_b(
+        {"kind": "accelerate", "num_processes": 8, "config_file": str(zero3)})), "--data-mirror", HUB, "--json")
+    assert code == 0, err
+    row = next(r for r in json.loads(out)["stages"] if r["stage"] == "cold-start")
+    assert row["sharding"] == "ZeRO-3 x8" and row["fits"]
+    p = row["params"]
+    assert row["weights"] == (4 * p + 2 * p) // 8 and row["optimizer"] == 8 * p // 8 and row["grads"] == 4 * p // 8
+    code, out, _ = run_cli(capsys, "plan", QWEN, "--flows", flows_with(tmp_path, seven_b(
+        {"kind": "accelerate", "num_processes": 8, "config_file": str(zero2)})), "--data-mirror", HUB, "--json")
+    row = next(r for r in json.loads(out)["stages"] if r["stage"] == "cold-start")
+    assert row["sharding"] == "ZeRO-2 x8" and row["weights"] == 6 * p and row["grads"] == 4 * p // 8
