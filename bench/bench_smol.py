@@ -2,7 +2,7 @@
 held-out pass@1, format rate, mean completion length, wall seconds and the stage's share of the total,
 plus training tokens/s per stage (from the trainers' logs) and the reward-model score next to the length.
 
-    OMP_NUM_THREADS=2 .venv/bin/python bench/bench_smol.py                 # the real run (~1 h on 2 cores)
+    OMP_NUM_THREADS=2 .venv/bin/python bench/bench_smol.py                 # the real run (hours on 2 cores)
     OMP_NUM_THREADS=2 .venv/bin/python bench/bench_smol.py --rehearse      # the same, shrunk (minutes)
     OMP_NUM_THREADS=2 .venv/bin/python bench/bench_smol.py --report-only   # print the table of the last run
 
