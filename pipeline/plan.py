@@ -371,7 +371,7 @@ class Plan:
     def first_rows(self, stage: str, field: str, ref, columns: tuple[str, ...]) -> list[dict] | None:
         """The first FIRST_ROWS rows of `ref` loaded as the stage loads it, or None (a problem, or not reachable)."""
         from stages.common import UserError  # noqa: PLC0415
-        from stages.data import WORLD_PREFIX, ReasoningGymRef, _is_hub_id, as_spec, load  # noqa: PLC0415
+        from stages.data import WORLD_PREFIX, ReasoningGymRef, is_hub_id, as_spec, load  # noqa: PLC0415
 
         if isinstance(ref, ReasoningGymRef):
             task = ref.reasoning_gym
@@ -380,7 +380,7 @@ class Plan:
             spec = as_spec(ref)
             if spec.path.startswith(WORLD_PREFIX):
                 return None  # written by the world stage
-            if _is_hub_id(spec.path) and not self.data_mirror:
+            if is_hub_id(spec.path) and not self.data_mirror:
                 self.notes.append(f"{stage}: {field}: {spec.path} is a hub id: its rows are not checked without "
                                   f"--data-mirror")
                 return None

@@ -111,9 +111,9 @@ def stand_in(ref: str | None, mirror: str | None, root: Path) -> str | None:
     import json  # noqa: PLC0415
 
     from pipeline.plan import find_model_dir, param_count  # noqa: PLC0415
-    from stages.data import _is_hub_id  # noqa: PLC0415
+    from stages.data import is_hub_id  # noqa: PLC0415
 
-    if not ref or not _is_hub_id(ref):
+    if not ref or not is_hub_id(ref):
         return None
     folder = find_model_dir(ref, mirror)
     if folder is None:

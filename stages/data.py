@@ -154,7 +154,8 @@ def mirror_dataset_file(spec: "DatasetSpec", mirror: str | Path) -> Path | None:
     return next((f for f in (stem.with_suffix(".jsonl"), stem.with_suffix(".parquet")) if f.is_file()), None)
 
 
-def _is_hub_id(ref: str) -> bool:
+def is_hub_id(ref: str) -> bool:
+    """True for a hub id (`org/name`): not `world:`, not a path that exists or starts like one."""
     return not ref.startswith((WORLD_PREFIX, ".", "/", "~")) and not Path(ref).expanduser().exists()
 
 
@@ -309,7 +310,7 @@ def load(ref: DatasetRef, world_dir: Path | None, required_columns: tuple[str, .
         ds = datasets.load_dataset("json", data_files=str(file), split="train")
     else:
         local = Path(spec.path).expanduser()
-        if mirror is not None and _is_hub_id(spec.path):
+        if mirror is not None and is_hub_id(spec.path):
             local = mirror_dataset_file(spec, mirror)
             if local is None:
                 raise UserError(f"dataset {label!r}: not in the data mirror (expected "

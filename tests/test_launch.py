@@ -5,7 +5,6 @@ writes the version folder; a cancelled or dead parent ends the whole group."""
 from __future__ import annotations
 
 import copy
-import json
 import os
 import signal
 import subprocess
@@ -204,4 +203,3 @@ def test_a_failed_launch_registers_nothing(launched, tmp_path):
                                   "(has ['prompt', 'completion', 'answer', 'language'])"], err.value.problems
     assert {v.id for v in store.list("cold-start")} == before
     assert not any((launched["tmp"] / "store" / ".staging").glob("cold-start-*"))
-    json.dumps(str(err.value))

@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 from pipeline.config import load_config
-from pipeline.rehearse import STAND_IN_CORPUS, stand_in
+from pipeline.rehearse import stand_in
 
 ROOT = Path(__file__).resolve().parent.parent
 HUB = ROOT / "tests" / "fixtures" / "hub"
@@ -65,7 +65,6 @@ def test_no_stand_in_for_models_at_hand_or_unknown(tmp_path):
     assert stand_in(str(HUB / QWEN_MODEL), str(HUB), tmp_path) is None  # a local folder is used as it is
     assert stand_in("nobody/unknown-model", str(HUB), tmp_path) is None  # nothing to shrink from
     assert not (tmp_path / "stand-ins").exists()
-    assert STAND_IN_CORPUS
 
 
 def test_the_rehearsal_of_the_recipe_uses_stand_ins_on_cpu(tmp_path):
