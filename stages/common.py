@@ -383,6 +383,16 @@ class Reporter:
         self.markdown(key, f"**Warning**\n\n{text}")
 
 
+def map_in_process(fn: Callable[..., Any], jobs: list, progress: Callable[[float], None] | None = None) -> list:
+    """`StageContext.map_shards` without an orchestrator: `fn(job, progress=...)` for each job, one after another
+    in this process, results in job order; `progress` gets the fraction of all the work done."""
+    out = []
+    for i, job in enumerate(jobs):
+        step = (lambda f, i=i: progress((i + f) / len(jobs))) if progress else None
+        out.append(fn(job, progress=step))
+    return out
+
+
 @dataclasses.dataclass
 class StageContext:
     """Everything a stage's `run(cfg, ctx)` needs besides its own config. See docs/DESIGN.md."""
@@ -399,6 +409,10 @@ class StageContext:
     system_prompt: str | None = None  # added to every conversational prompt the stage loads (R1's format contract)
     rehearsal: bool = False  # `--rehearse`: a few steps and rows, to check the mechanics, not the quality
     data_mirror: Path | None = None  # hub ids of models and datasets are read from this folder (stages/data.py)
+    shards: int = 1  # how many pieces the stage cuts its sampling into (`shards.count`; stage 3)
+    # map_shards(fn, jobs, progress=None): fn(job) for every job, results in job order, progress(fraction) as it
+    # goes. The pipeline passes one that runs the jobs as Prefect tasks on Ray (pipeline/shards.py).
+    map_shards: Callable[..., list] = dataclasses.field(default_factory=lambda: map_in_process)
 
     def last_checkpoint(self, trainer_dir: Path) -> str | None:
         """The newest `checkpoint-N` folder under `trainer_dir`, to resume a killed run from."""

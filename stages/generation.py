@@ -63,16 +63,40 @@ def prompt_texts(tokenizer, prompts: list) -> list[str]:
 
 
 def generate(model_path: str, prompts: list, cfg: GenerationConfig,
-             progress: Callable[[float], None] | None = None, trust_remote_code: bool = False) -> list[list[Record]]:
-    """Sample `cfg.n` completions for each prompt with the configured backend; frees the model after."""
+             progress: Callable[[float], None] | None = None, trust_remote_code: bool = False,
+             first_index: int | None = None) -> list[list[Record]]:
+    """Sample `cfg.n` completions for each prompt with the configured backend; frees the model after.
+
+    `first_index`: the position of `prompts[0]` in a larger prompt list that is generated in shards
+    (`shard_bounds`). Given, the samples are seeded by position instead of by call: transformers reseeds
+    every batch with `cfg.seed` + the batch's first position, vLLM on a GPU seeds every request with
+    `cfg.seed` + its position. So shards cut on batch boundaries give exactly the samples of one call
+    with the transformers backend (same batches, same seeds; tests/test_shards.py), and the same random
+    streams with vLLM (whose numerics still depend on how requests are batched)."""
     if not prompts:
         return []
     if cfg.backend == "vllm":
-        return _generate_vllm(model_path, prompts, cfg, progress, trust_remote_code)
-    return _generate_transformers(model_path, prompts, cfg, progress, trust_remote_code)
+        return _generate_vllm(model_path, prompts, cfg, progress, trust_remote_code, first_index)
+    return _generate_transformers(model_path, prompts, cfg, progress, trust_remote_code, first_index)
 
 
-def _generate_transformers(model_path, prompts, cfg, progress, trust_remote_code):
+def shard_bounds(n_prompts: int, batch_size: int, shards: int) -> list[tuple[int, int]]:
+    """Cut `n_prompts` prompts into at most `shards` contiguous [start, end) ranges on batch boundaries, as even
+    as whole batches allow (fewer ranges when there are fewer batches than shards; none for no prompts)."""
+    if shards < 1 or batch_size < 1:
+        raise ValueError(f"shards and batch_size must be >= 1 (got {shards}, {batch_size})")
+    batches = -(-n_prompts // batch_size)
+    count = min(shards, batches)
+    bounds, done = [], 0
+    for i in range(count):
+        take = batches // count + (1 if i < batches % count else 0)
+        start, end = done * batch_size, min(n_prompts, (done + take) * batch_size)
+        bounds.append((start, end))
+        done += take
+    return bounds
+
+
+def _generate_transformers(model_path, prompts, cfg, progress, trust_remote_code, first_index=None):
     import torch  # noqa: PLC0415
     from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: PLC0415
 
@@ -93,6 +117,8 @@ def _generate_transformers(model_path, prompts, cfg, progress, trust_remote_code
     results: list[list[Record]] = []
     try:
         for start in range(0, len(texts), cfg.batch_size):
+            if first_index is not None:  # seeded by position: shards reproduce one call exactly
+                torch.manual_seed(cfg.seed + first_index + start)
             batch = tok(texts[start:start + cfg.batch_size], return_tensors="pt", padding=True,
                         add_special_tokens=False).to(device)
             with torch.no_grad():
@@ -135,7 +161,7 @@ def _record(tok, ids: list[int], stop_ids: set[int]) -> Record:
     return {"text": tok.decode(ids, skip_special_tokens=True), "num_tokens": len(ids), "finish_reason": "length"}
 
 
-def _generate_vllm(model_path, prompts, cfg, progress, trust_remote_code):
+def _generate_vllm(model_path, prompts, cfg, progress, trust_remote_code, first_index=None):
     import torch  # noqa: PLC0415
     from transformers import AutoTokenizer  # noqa: PLC0415
 
@@ -158,11 +184,18 @@ def _generate_vllm(model_path, prompts, cfg, progress, trust_remote_code):
                             top_p=1.0 if greedy else cfg.top_p, max_tokens=cfg.max_new_tokens,
                             seed=cfg.seed if on_gpu else None, skip_special_tokens=True,
                             stop_token_ids=stop_token_ids(model_path, tok))
+    if first_index is not None and on_gpu:  # one seed per request, by position: shards draw the same streams
+        params = [params.clone() for _ in texts]
+        for i, p in enumerate(params):
+            p.seed = cfg.seed + first_index + i
+    elif first_index is not None and first_index > 0:
+        log.warning("vLLM on CPU has no per-request seeds: a shard's samples differ from those of one unsharded run")
     llm = LLM(**kwargs)
     results: list[list[Record]] = []
     try:
         for start in range(0, len(texts), cfg.batch_size):
-            outs = llm.generate(texts[start:start + cfg.batch_size], params, use_tqdm=False)
+            batch_params = params[start:start + cfg.batch_size] if isinstance(params, list) else params
+            outs = llm.generate(texts[start:start + cfg.batch_size], batch_params, use_tqdm=False)
             for o in outs:
                 records = [{"text": c.text, "num_tokens": len(c.token_ids),
                             "finish_reason": "stop" if c.finish_reason == "stop" else "length"}

@@ -21,7 +21,7 @@ import random
 import time
 from collections import Counter
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Callable, Literal
 
 from pydantic import Field
 
@@ -136,17 +136,37 @@ def _item(r: dict) -> dict:
 
 # --------------------------------------------------------------------------------------------------
 
+def generate_shard(job: dict, progress: Callable[[float], None] | None = None) -> list[list[dict]]:
+    """One shard of the sampling: plain data in (`model`, `prompts`, `generation`, `first_index`,
+    `trust_remote_code`), records out, so it runs wherever the pipeline puts it (in this process, or a Ray
+    worker). Samples are seeded by prompt position: 2 shards give exactly the samples of 1 (transformers)."""
+    from stages.generation import GenerationConfig, generate  # noqa: PLC0415
+
+    return generate(job["model"], job["prompts"], GenerationConfig(**job["generation"]), progress=progress,
+                    trust_remote_code=job["trust_remote_code"], first_index=job["first_index"])
+
+
 def _generate_samples(cfg: Config, ctx: StageContext, policy: str, prompts_ds) -> tuple[list[dict], dict]:
-    """n samples per prompt from the stage-2 model, one dict per sample; plus throughput stats."""
-    from stages.generation import generate  # noqa: PLC0415
+    """n samples per prompt from the stage-2 model, one dict per sample; plus throughput stats. The prompts are
+    cut into `ctx.shards` shards on batch boundaries, run by `ctx.map_shards` and merged in prompt order."""
+    from stages.generation import shard_bounds  # noqa: PLC0415
 
     prompts = list(prompts_ds["prompt"])
     answers = list(prompts_ds["answer"])
     languages = list(prompts_ds["language"]) if "language" in prompts_ds.column_names else [None] * len(prompts)
     gen = cfg.generation.model_copy(update={"seed": cfg.generation.seed + ctx.seed})
+    trust = bool(getattr(ctx.pipeline, "trust_remote_code", False))
+    bounds = shard_bounds(len(prompts), gen.batch_size, ctx.shards)
+    jobs = [{"model": policy, "prompts": prompts[a:b], "generation": gen.model_dump(mode="json"), "first_index": a,
+             "trust_remote_code": trust} for a, b in bounds]
     t0 = time.time()
-    outputs = generate(policy, prompts, gen, trust_remote_code=bool(getattr(ctx.pipeline, "trust_remote_code", False)),
-                       progress=lambda f: ctx.reporter.progress(0.5 * f, f"generating: {f:.0%} of {len(prompts)} prompts"))
+    shard_outputs = ctx.map_shards(
+        generate_shard, jobs,
+        progress=lambda f: ctx.reporter.progress(0.5 * f, f"generating: {f:.0%} of {len(prompts)} prompts"
+                                                           + (f" in {len(jobs)} shards" if len(jobs) > 1 else "")))
+    outputs = [records for shard in shard_outputs for records in shard]
+    if len(outputs) != len(prompts):
+        raise RuntimeError(f"sharded generation returned {len(outputs)} prompts' samples for {len(prompts)} prompts")
     seconds = time.time() - t0
     samples = []
     for pid, (prompt, answer, language, records) in enumerate(zip(prompts, answers, languages, outputs)):
@@ -158,7 +178,7 @@ def _generate_samples(cfg: Config, ctx: StageContext, policy: str, prompts_ds) -
     n_tokens = sum(s["num_tokens"] for s in samples)
     log.info("generated %d samples (%d tokens) in %.1f s: %.0f tok/s", len(samples), n_tokens, seconds,
              n_tokens / max(seconds, 1e-9))
-    return samples, {"backend": gen.backend, "seconds": round(seconds, 1), "tokens": n_tokens,
+    return samples, {"backend": gen.backend, "seconds": round(seconds, 1), "tokens": n_tokens, "shards": len(jobs),
                      "tokens_per_s": round(n_tokens / max(seconds, 1e-9), 1)}
 
 
