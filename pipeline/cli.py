@@ -297,6 +297,18 @@ def cmd_gc(args) -> int:
     return 0
 
 
+def cmd_deploy(args) -> int:
+    from pipeline.deploy import deploy  # noqa: PLC0415
+
+    loaded = _load(args)
+    name, _ = loaded.get(args.pipeline_name or args.pipeline)
+    rows = deploy(loaded, name, args.pool)
+    print(_table(rows))
+    print(f"run the pipeline: prefect deployment run 'r1flow-pipeline/{name}' (a worker must serve each pool: "
+          f"prefect worker start --pool POOL)")
+    return 0
+
+
 def cmd_ui(args) -> int:
     from pipeline import ui  # noqa: PLC0415
 
@@ -341,6 +353,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--rehearse", action="store_true", help=rehearse_help)
     s.add_argument("--data-mirror", default=None, metavar="DIR", help=mirror_help)
     s.set_defaults(func=cmd_run)
+
+    s = sub.add_parser("deploy", help="Prefect deployments for a pipeline and each stage, on work pools "
+                                      "(orchestration.work_pools)")
+    s.add_argument("pipeline_name", nargs="?", default=None, metavar="PIPELINE")
+    s.add_argument("--pool", default=None, help="work pool of the pipeline flow (and of stages without their own)")
+    s.add_argument("--data-mirror", default=None, metavar="DIR", help=mirror_help)
+    s.set_defaults(func=cmd_deploy)
 
     s = sub.add_parser("plan", help="preflight in seconds: TRL configs, lengths, chat template, peak memory per stage",
                        description="Build every stage's TRL config, check GRPO batches and every length against the "

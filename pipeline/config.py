@@ -157,11 +157,18 @@ class OrchestrationConfig(BaseModel):
         default_factory=dict, description="Prefect retries per stage for transient failures (e.g. {rejection-sft: 1})"
     )
     retry_delay_seconds: float = Field(10.0, ge=0, description="wait between retries")
+    work_pools: dict[str, str] = Field(
+        default_factory=dict,
+        description="Prefect work pools for `r1flow deploy`: `pipeline` (the pipeline flow, and every stage not named) "
+                    "and any stage (e.g. {pipeline: cpu, rejection-sft: gpu}); a deployed pipeline runs a stage on "
+                    "another pool through that stage's deployment (pipeline/deploy.py)")
 
     @model_validator(mode="after")
     def _non_negative(self):
         bad = [f"retries.{k}: must be >= 0 (got {v})" for k, v in self.retries.items() if v < 0]
         bad += [f"retries.{k}: unknown stage (expected one of {', '.join(STAGES)})" for k in self.retries if k not in STAGES]
+        bad += [f"work_pools.{k}: unknown key (expected pipeline or a stage: {', '.join(STAGES)})"
+                for k in self.work_pools if k != "pipeline" and k not in STAGES]
         if bad:
             raise ValueError("; ".join(bad))
         return self

@@ -24,6 +24,7 @@ from prefect import runtime as prefect_runtime
 from prefect.cache_policies import NO_CACHE
 
 from pipeline.config import STAGE_MODULES, STAGES, Loaded, load_config, stage_module
+from pipeline.deploy import placed_elsewhere
 from pipeline.store import Store, Version
 from stages.common import NOT_IN_VERSION_ID, StageContext, UserError, resolve_system_prompt
 
@@ -270,6 +271,22 @@ def _summary_row(stage: str, version: Version, cached: bool, seconds: float) -> 
             **{k: ev[k] for k in SUMMARY_KEYS if k in ev}, **(version.metrics.get("summary") or {})}
 
 
+def stage_identity(loaded: Loaded, pipeline: str, stage: str, upstream: dict[str, str] | None = None,
+                   from_id: str | None = None, force: bool = False, rerun: str | None = None):
+    """(store, version id, identity, parents, code info) of a stage run: what `execute_stage` registers, and what
+    a deployed pipeline looks up after a stage ran on another worker."""
+    _, pipe = loaded.get(pipeline)
+    if pipe.stage_config(stage) is None:
+        raise UserError(f"{stage}: not configured in pipeline {pipeline!r} ({loaded.path})")
+    store = Store(loaded.storage_root(pipeline))
+    parents = resolve_upstream(store, pipe, stage, upstream, from_id)
+    ident = identity_config(pipe, stage, rehearsal=loaded.rehearse)
+    if force:  # a forced re-run is a new version (training is not bit-reproducible anyway)
+        ident["rerun"] = rerun or datetime.now(timezone.utc).isoformat()
+    code_info = code_identity(code_key(pipe, stage))
+    return store, Store.make_id(stage, ident, parents, code_info["code_version"]), ident, parents, code_info
+
+
 def execute_stage(loaded: Loaded, pipeline: str, stage: str, upstream: dict[str, str] | None = None,
                   from_id: str | None = None, force: bool = False, reporter_factory=None,
                   rerun: str | None = None) -> dict[str, Any]:
@@ -281,16 +298,8 @@ def execute_stage(loaded: Loaded, pipeline: str, stage: str, upstream: dict[str,
     log = logging.getLogger("r1flow")
     _, pipe = loaded.get(pipeline)
     stage_cfg = pipe.stage_config(stage)
-    if stage_cfg is None:
-        raise UserError(f"{stage}: not configured in pipeline {pipeline!r} ({loaded.path})")
-    store = Store(loaded.storage_root(pipeline))
-    parents = resolve_upstream(store, pipe, stage, upstream, from_id)
-    ident = identity_config(pipe, stage, rehearsal=loaded.rehearse)
-    if force:  # a forced re-run is a new version (training is not bit-reproducible anyway)
-        ident["rerun"] = rerun or datetime.now(timezone.utc).isoformat()
-    code_info = code_identity(code_key(pipe, stage))
+    store, vid, ident, parents, code_info = stage_identity(loaded, pipeline, stage, upstream, from_id, force, rerun)
     code = code_info["code_version"]
-    vid = Store.make_id(stage, ident, parents, code)
     start = time.monotonic()
     existing = store.get(vid)
     if existing is not None:
@@ -442,8 +451,19 @@ def pipeline_flow(config_file: str, pipeline: str, force: list[str] | None = Non
     produced: dict[str, str] = {}
     rows: list[dict[str, Any]] = []
     run_ids: dict[str, str] = {}
+    # Deployed (`r1flow deploy`): stages on another work pool than this flow's run through their own deployments.
+    elsewhere = placed_elsewhere(pipe) if prefect_runtime.deployment.id else set()
     for stage in stages:
         upstream = {s: produced[s] for s in UPSTREAM[stage] if s in produced}
+        if stage in elsewhere:
+            try:
+                row = _run_on_pool(loaded, pipeline, stage, upstream, stage in force, run_ids)
+            except Exception as exc:  # noqa: BLE001
+                _publish_pipeline_summary(pipeline, rows, run_ids, failed=stage)
+                raise StageFailed(stage, exc, rows) from exc
+            produced[stage] = row["version"]
+            rows.append(row)
+            continue
         state = stage_flow(config_file=str(loaded.path), pipeline=pipeline, stage=stage, upstream=upstream,
                            force=stage in force, rehearse=rehearse, return_state=True)
         run_ids[stage] = str(state.state_details.flow_run_id)
@@ -458,6 +478,31 @@ def pipeline_flow(config_file: str, pipeline: str, force: list[str] | None = Non
         rows.append(row)
     _publish_pipeline_summary(pipeline, rows, run_ids)
     return rows
+
+
+def _run_on_pool(loaded: Loaded, pipeline: str, stage: str, upstream: dict[str, str], force: bool,
+                 run_ids: dict[str, str]) -> dict[str, Any]:
+    """Run `stage` through its deployment (a worker of its pool picks it up) and wait; its row is read back from
+    the shared store: the version the stage flow registered under the same id it computed."""
+    from prefect.deployments import run_deployment  # noqa: PLC0415
+
+    from pipeline.deploy import stage_deployment  # noqa: PLC0415
+
+    name = stage_deployment(pipeline, stage)
+    get_run_logger().info("%s: running on its work pool through deployment %s", stage, name)
+    run = run_deployment(name, parameters={"config_file": str(loaded.path), "pipeline": pipeline, "stage": stage,
+                                           "upstream": upstream, "force": force, "rehearse": loaded.rehearse},
+                         timeout=None, poll_interval=2)
+    run_ids[stage] = str(run.id)
+    if not run.state or not run.state.is_completed():
+        state = run.state.name if run.state else "unknown"
+        raise RuntimeError(f"{stage}: flow run {run.name} of deployment {name} ended {state}: "
+                           f"{(run.state.message if run.state else '') or 'see its run log'}")
+    store, vid, *_ = stage_identity(loaded, pipeline, stage, upstream, force=force,
+                                    rerun=f"flow-run-{run.id}" if force else None)
+    version = store.require(vid)
+    cached = run.start_time is not None and datetime.fromisoformat(version.created) < run.start_time
+    return _summary_row(stage, version, cached=cached, seconds=run.total_run_time.total_seconds())
 
 
 def _publish_pipeline_summary(pipeline: str, rows: list[dict], run_ids: dict[str, str],
