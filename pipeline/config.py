@@ -52,9 +52,11 @@ def _field_name(stage: str) -> str:
     return stage.replace("-", "_")
 
 
-# Stages whose work is training alone (rank-aware under a multi-process launch): the others sample with vLLM,
-# judge or evaluate inside the stage, which one process does today.
-LAUNCHABLE_STAGES = ("cold-start", "reward-model")
+# Stages that are rank-aware under a multi-process launch: training alone, or (reasoning-rl) GRPO whose reward-hacking
+# monitor saves its healthy weights from the main process only and whose verifier agreement is summed over the ranks.
+# rejection-sft and preference-rl sample, judge or score with a reward model inside the stage, which one process
+# does today.
+LAUNCHABLE_STAGES = ("cold-start", "reasoning-rl", "reward-model")
 
 
 class LauncherConfig(BaseModel):
@@ -223,7 +225,7 @@ def pipeline_model() -> type[BaseModel]:
             bad = [s for s in TRAINING_STAGES if s not in LAUNCHABLE_STAGES and self.stage_config(s) is not None
                    and self.stage_config(s).launcher.kind != "in-process"]
             if bad:
-                raise ValueError("; ".join(f"stages.{s}.launcher: kind accelerate runs {' and '.join(LAUNCHABLE_STAGES)} "
+                raise ValueError("; ".join(f"stages.{s}.launcher: kind accelerate runs {', '.join(LAUNCHABLE_STAGES)} "
                                            f"today ({s} samples or evaluates inside the stage, which is not rank-aware "
                                            f"yet; expected kind: in-process)" for s in bad))
             return self

@@ -246,6 +246,23 @@ def greedy_answers(model, tokenizer, prompts: list, max_new_tokens: int, batch_s
 
 # ------------------------------------------------------------------------------------------ callback
 
+def _distributed():
+    import torch.distributed as dist  # noqa: PLC0415
+
+    return dist if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1 else None
+
+
+def _is_main_process() -> bool:
+    dist = _distributed()
+    return dist is None or dist.get_rank() == 0
+
+
+def _barrier() -> None:
+    dist = _distributed()
+    if dist is not None:
+        dist.barrier()
+
+
 class _MonitorLogic:
     """`RewardHackingMonitor`: a TrainerCallback that watches reward vs held-out accuracy and degeneration (see module doc).
 
@@ -349,16 +366,21 @@ class _MonitorLogic:
         return False
 
     def _save(self, model, step: int) -> None:
-        self.save_dir.mkdir(parents=True, exist_ok=True)
-        for old in self.save_dir.glob("*.safetensors"):
-            old.unlink()
-        model.save_pretrained(str(self.save_dir), safe_serialization=True)
+        """The healthy weights, written by the main process only (under a multi-process launch every rank runs the
+        same checks on the same weights and reaches the same verdicts; one folder, one writer), then a barrier."""
+        if _is_main_process():
+            self.save_dir.mkdir(parents=True, exist_ok=True)
+            for old in self.save_dir.glob("*.safetensors"):
+                old.unlink()
+            model.save_pretrained(str(self.save_dir), safe_serialization=True)
+        _barrier()
         self.healthy_step = step
 
     def restore(self, model) -> None:
         """Load the last healthy weights (saved by a check) back into `model`, in place."""
         from safetensors.torch import load_file  # noqa: PLC0415
 
+        _barrier()
         files = sorted(self.save_dir.glob("*.safetensors"))
         if not files:
             raise RuntimeError(f"monitor: no healthy checkpoint in {self.save_dir}")

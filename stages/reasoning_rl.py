@@ -134,10 +134,11 @@ def run(cfg: Config, ctx: StageContext, callbacks: list | None = None) -> dict:
         "runtime_s": round(time.time() - t0, 1),
         "history": history,
         "monitor": monitor.summary() if monitor else None,
-        "verifier_agreement": agreement.summary() if agreement else None,
+        "verifier_agreement": None,
     }
     if agreement is not None:
-        summary = metrics["verifier_agreement"]
+        agreement.gather()  # launched: each rank scored its own share of the samples
+        metrics["verifier_agreement"] = summary = agreement.summary()
         log.info("accuracy reward vs the tasks' verifiers: %s of %d samples agree", summary["share"], summary["n"])
         ctx.reporter.table("verifier-agreement",
                            [{"task": "all", **{k: v for k, v in summary.items() if k not in ("disagreements", "by_task")}}]

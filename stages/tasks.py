@@ -396,6 +396,35 @@ class VerifierAgreement:
                         "extracted": extracted, "rule": rule, "task_score": score, "completion": text[:300],
                     })
 
+    def state(self) -> dict[str, Any]:
+        """The raw counts and examples (JSON-able), as `merge` takes them."""
+        with self._lock:
+            return {"total": dict(self._total), "by_task": {k: dict(v) for k, v in self._by_task.items()},
+                    "examples": [dict(e) for e in self._examples]}
+
+    def merge(self, states: list[dict[str, Any]]) -> None:
+        """Replace this record by the sum of `states` (e.g. every rank's `state()` of a multi-process run, where
+        each rank scores only its own share of the completions); examples are kept in order, up to the limit."""
+        self.reset()
+        with self._lock:
+            for st in states:
+                for key, value in st["total"].items():
+                    self._total[key] += value
+                for name, counts in st["by_task"].items():
+                    mine = self._by_task.setdefault(name, _new_counts())
+                    for key, value in counts.items():
+                        mine[key] += value
+                self._examples.extend(st["examples"][: self.max_examples - len(self._examples)])
+
+    def gather(self) -> None:
+        """Under torch.distributed (a launched stage), sum every rank's record into each rank's; else nothing."""
+        import torch.distributed as dist  # noqa: PLC0415
+
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            states: list[Any] = [None] * dist.get_world_size()
+            dist.all_gather_object(states, self.state())
+            self.merge(states)
+
     def summary(self) -> dict[str, Any]:
         """{"n", "agree", "share" (agree / n, None when n == 0), "by_task": {task: {n, agree, share,
         rule_none, partial_credit, rule_only, task_only}}, "disagreements": [up to 20 examples]}."""

@@ -50,11 +50,12 @@ def test_bad_launchers_are_one_line_naming_the_field(tmp_path, launcher, expecte
 
 def test_stages_that_sample_inside_are_not_launched_yet(tmp_path):
     def edit(p):
-        p["stages"]["reasoning-rl"]["launcher"] = {"kind": "accelerate", "num_processes": 2}
+        p["stages"]["rejection-sft"]["launcher"] = {"kind": "accelerate", "num_processes": 2}
 
     with pytest.raises(UserError) as err:
         load_config(flows_with(tmp_path, edit))
-    assert "stages.reasoning-rl.launcher: kind accelerate runs cold-start and reward-model today" in str(err.value)
+    assert ("stages.rejection-sft.launcher: kind accelerate runs cold-start, reasoning-rl, reward-model today"
+            in str(err.value)), err.value.problems
 
 
 def test_the_world_size_is_part_of_the_version_id_and_in_process_is_not(tmp_path):
@@ -203,3 +204,30 @@ def test_a_failed_launch_registers_nothing(launched, tmp_path):
                                   "(has ['prompt', 'completion', 'answer', 'language'])"], err.value.problems
     assert {v.id for v in store.list("cold-start")} == before
     assert not any((launched["tmp"] / "store" / ".staging").glob("cold-start-*"))
+
+
+# GRPO in 2 gloo processes: 2 steps of 2 prompts x 4 completions (4 rows per rank), the monitor checking every step
+GRPO_TWO = {"learning_rate": 1e-4, "per_device_train_batch_size": 4, "num_generations": 4, "max_completion_length": 24,
+            "max_steps": 2, "logging_steps": 1, "save_steps": 1, "beta": 0.0}
+
+
+@pytest.mark.slow
+def test_grpo_launched_in_two_gloo_processes_is_rank_aware(launched, tmp_path):
+    """reasoning-rl under `accelerate launch` with 2 processes: one version, written by the main process; the
+    monitor's checks ran (its healthy weights saved by rank 0 only, behind a barrier) and the world size is
+    recorded."""
+    raw = yaml.safe_load(launched["config"].read_text())
+    rl = raw["pipelines"]["two"]["stages"]["reasoning-rl"]
+    rl.update({"launcher": {"kind": "accelerate", "num_processes": 2}, "max_prompts": 16, "trainer": GRPO_TWO,
+               "monitor": {"n_prompts": 8, "eval_every": 1, "max_new_tokens": 32}})
+    config = tmp_path / "flows.yaml"
+    config.write_text(yaml.safe_dump(raw, sort_keys=False))
+    row = execute_stage(load_config(config), "two", "reasoning-rl")
+    store = launched["store"]
+    version = store.get(row["version"])
+    assert version.metrics["launcher"]["world_size"] == 2 and version.metrics["global_step"] == 2
+    monitor = version.metrics["monitor"]
+    assert monitor["checks"] >= 2 and monitor["healthy_step"] is not None, monitor
+    assert (version.path / "model" / "model.safetensors").is_file() and "eval" in version.metrics
+    assert store.verify() == []
+    assert not any((launched["tmp"] / "store" / "versions").glob("*/rank-*"))

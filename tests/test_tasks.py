@@ -481,3 +481,24 @@ def test_card_template_uses_the_project_placeholder_convention():
     for name in ("task", "settings", "size", "seed", "package_version", "license", "verifier", "example",
                  "overlap_rows", "num_rows", "sha256"):
         assert "{{ " + name + " }}" in template, name
+
+
+def test_verifier_agreement_merges_the_ranks_records():
+    """Under a multi-process launch each rank scores its own completions: the merged record is their sum."""
+    from stages.tasks import VerifierAgreement
+
+    entry = {"question": "What is 2 + 2?", "answer": "4", "metadata": {}}
+    ranks = [VerifierAgreement(max_examples=2) for _ in range(2)]
+    done = "<think>x</think><answer>4</answer>"
+    wrong = "<think>x</think><answer>5</answer>"
+    ranks[0].record([done, wrong], answer="4", task="chain_sum", task_entry=entry)
+    ranks[1].record([wrong, wrong, done], answer=["4", "4", "4"], task="chain_sum", task_entry=entry)
+    merged = VerifierAgreement(max_examples=2)
+    merged.merge([r.state() for r in ranks])
+    one = VerifierAgreement(max_examples=2)
+    one.record([done, wrong, wrong, wrong, done], answer="4", task="chain_sum", task_entry=entry)
+    got, want = merged.summary(), one.summary()
+    assert got["n"] == 5 and got == {**want, "disagreements": got["disagreements"]}
+    assert len(got["disagreements"]) == len(want["disagreements"]) <= 2
+    merged.gather()  # no process group: nothing changes
+    assert merged.summary() == got
