@@ -6,6 +6,7 @@ import argparse
 import json
 import os
 import signal
+import subprocess
 import sys
 import threading
 import time
@@ -448,7 +449,11 @@ def _start_prefect_api() -> None:
     from prefect.server.api.server import SubprocessASGIServer  # noqa: PLC0415
 
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # no telemetry calls from it
+    # Prefect waits 20 s for it; on a loaded 2-core machine its start (imports, database) can take longer
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+    refresh_global_settings_context()
     server = SubprocessASGIServer()  # the object Prefect's client uses: started here, reused there
+    _one_start_at_a_time(server)
 
     def start() -> None:
         try:
@@ -459,6 +464,34 @@ def _start_prefect_api() -> None:
     thread = threading.Thread(target=start, name="prefect-server-start", daemon=True)
     thread.start()
     _TEMP_SERVER.update(server=server, thread=thread)
+
+
+def _one_start_at_a_time(server) -> None:
+    """Make `server.start` (the temporary server's; Prefect's client calls it too) safe to race and leak-free.
+
+    Prefect's `SubprocessASGIServer.start` checks `running` and only then spawns uvicorn, with no lock: a client
+    asking for the API while this module's thread is still starting the server spawned a second server (on the same
+    port when the first had not bound it yet: `[Errno 98] address already in use`), and only the last one was
+    stopped at exit. A start that times out (a loaded machine) left its process running while the next call
+    spawned another. So: one start at a time, and a failed start stops the process it spawned."""
+    lock = threading.Lock()
+    start = server.start
+
+    def locked_start(*args, **kwargs):
+        with lock:
+            try:
+                start(*args, **kwargs)
+            except BaseException:
+                proc = server.server_process
+                if proc is not None and proc.poll() is None:  # never leave a half-started server behind
+                    proc.terminate()
+                    try:
+                        proc.wait(timeout=10)
+                    except subprocess.TimeoutExpired:
+                        proc.kill()
+                raise
+
+    server.start = locked_start
 
 
 def _prefect_api_ready() -> None:

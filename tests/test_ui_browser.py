@@ -442,6 +442,77 @@ def test_a_terminated_flow_command_leaves_no_server(tmp_path):
             os.kill(pid, signal.SIGKILL)
 
 
+def _race_code(key: str, early_client: bool) -> str:
+    """A flow command whose temporary server takes 3 s longer to start (in the window between Prefect's check that
+    no server is running and its spawn of one); it runs three real flows as soon as it may,
+    (early_client) after asking Prefect's client for the API while the server is still starting, and prints how
+    many uvicorn processes carry the test's marker."""
+    return ("import argparse, os, sys, time\nfrom pathlib import Path\nfrom prefect import flow\n"
+            "from prefect.server.api import server as srv\nfrom pipeline import cli\n"
+            "find = srv.SubprocessASGIServer.find_available_port\n"
+            "def slow_find(self):\n"  # inside start(), between its `running` check and its spawn: the race window
+            "    time.sleep(3); return find(self)\n"
+            "srv.SubprocessASGIServer.find_available_port = slow_find\n"
+            "@flow\ndef one(i: int) -> int:\n    return i\n"
+            "def count():\n"
+            "    n = 0\n"
+            "    for p in Path('/proc').iterdir():\n"
+            "        try:\n"
+            "            if p.name.isdigit() and int(p.name) != os.getpid() and os.environ['" + key + "'].encode() in "
+            "(p / 'environ').read_bytes() "
+            "and b'uvicorn' in (p / 'cmdline').read_bytes(): n += 1\n"
+            "        except OSError: pass\n"
+            "    return n\n"
+            "def run(args):\n"
+            + ("    from prefect.client.orchestration import get_client\n    get_client()\n" if early_client else "")
+            + "    cli._prefect_api_ready()\n"
+            "    assert [one(i) for i in range(3)] == [0, 1, 2]\n"
+            "    print('servers', count(), flush=True); return 0\n"
+            "class Parser:\n    def parse_args(self, argv): return argparse.Namespace(command='stage', func=run)\n"
+            "cli.build_parser = Parser\nsys.exit(cli.main([]))")
+
+
+def _no_survivor(marker: str) -> None:
+    deadline = time.monotonic() + 15
+    while _processes_with(marker) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    survivors = _processes_with(marker)
+    for pid in survivors:
+        os.kill(pid, signal.SIGKILL)
+    assert survivors == []
+
+
+@pytest.mark.parametrize("early_client", [False, True])
+def test_a_slow_server_start_gives_one_server_and_no_survivor(tmp_path, early_client):
+    """The race of issue 14 (on a busy machine one `r1flow run` started two temporary servers, the second died
+    with `address already in use`, the first outlived the command), provoked: a slow server start, and a client
+    asking for the API while it is starting. One server, no `address already in use`, no survivor. (Before the
+    start was serialized, early_client gave two servers and left one running after the command, parent 1.)"""
+    marker = f"R1FLOW_TEST_MARKER={os.getpid()}-{tmp_path.name}"
+    key, value = marker.split("=")
+    try:
+        out = _run_python(_race_code(key, early_client), tmp_path, **{key: value})
+        assert out.returncode == 0, out.stderr[-2000:]
+        assert "servers 1" in out.stdout, (out.stdout, out.stderr[-2000:])
+        assert "address already in use" not in out.stderr and "Errno 98" not in out.stderr
+    finally:
+        _no_survivor(marker)
+
+
+def test_a_server_start_that_times_out_leaves_no_survivor(tmp_path):
+    """A start that outlasts Prefect's startup timeout (here 2 s; uvicorn alone takes longer here) fails the
+    command, and every uvicorn it spawned on the way is gone (before, each timed-out start stayed running)."""
+    marker = f"R1FLOW_TEST_MARKER={os.getpid()}-{tmp_path.name}"
+    key, value = marker.split("=")
+    try:
+        out = _run_python(_race_code(key, True), tmp_path, **{key: value},
+                          PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="2")
+        assert out.returncode != 0 and "servers" not in out.stdout
+        assert "Timed out while attempting to connect to ephemeral Prefect API server" in out.stderr, out.stderr[-2000:]
+    finally:
+        _no_survivor(marker)
+
+
 def test_server_dies_with_a_killed_parent(tmp_path):
     """A SIGKILLed `r1flow ui` (no chance to clean up) does not leave a server behind."""
     port = ui.free_port()
