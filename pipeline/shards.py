@@ -2,7 +2,8 @@
 
 The stage cuts its prompts into shards and hands them to `StageContext.map_shards` without knowing
 where they run. `runner: in-process` runs them one after another in the stage's process; `runner:
-ray` runs each as a Prefect task (`rejection-sft-shard-0`, ...) on prefect-ray's `RayTaskRunner`: a
+ray` runs each as a Prefect task (`rejection-sft-generate-shard-0`, ..., `rejection-sft-judge-shard-0`, ...) on
+prefect-ray's `RayTaskRunner`: a
 local Ray started for the stage (and stopped after), or an existing cluster by `address`. Each
 shard task reserves `num_cpus`/`num_gpus` (prefect-ray's `remote_options`), so on an 8-GPU node
 `{count: 8, runner: ray, num_gpus: 1}` runs one vLLM engine per GPU. The shards' Prefect task runs
@@ -56,7 +57,7 @@ def ray_runner(shards, api_url: str):
 
 def map_on_ray(shards, stage: str, fn: Callable[[Any], Any], jobs: list,
                progress: Callable[[float], None] | None = None) -> list:
-    """`fn(job)` for every job as Prefect tasks (`shard-0`, `shard-1`, ...) on Ray; results in job order. The tasks
+    """`fn(job)` for every job as Prefect tasks (`<stage>-<fn>-0`, `-1`, ...) on Ray; results in job order. The tasks
     are submitted straight to the task runner, so in the UI they are children of the stage's own task run, and
     only `fn` (a module-level function, pickled by reference) and the plain jobs travel to the workers."""
     from prefect_ray.context import remote_options  # noqa: PLC0415
@@ -66,7 +67,8 @@ def map_on_ray(shards, stage: str, fn: Callable[[Any], Any], jobs: list,
     results = []
     with ray_runner(shards, _prefect_api_url()) as runner:
         with remote_options(num_cpus=shards.num_cpus, num_gpus=shards.num_gpus):
-            futures = [runner.submit(shard_task.with_options(name=f"{stage}-shard-{i}"), {"fn": fn, "job": job})
+            label = getattr(fn, "__name__", "shard").replace("_", "-")  # generate-shard, judge-shard
+            futures = [runner.submit(shard_task.with_options(name=f"{stage}-{label}-{i}"), {"fn": fn, "job": job})
                        for i, job in enumerate(jobs)]
         for future in futures:  # in job order: the merge never depends on which shard finished first
             results.append(future.result())

@@ -27,7 +27,7 @@ import logging
 import random
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Callable, Literal
 
 from pydantic import Field, field_validator
 
@@ -228,8 +228,9 @@ def _guard_result(rows: list[dict], max_share: float, max_no_verdict: float = 1.
 # Running the judge
 
 def _run_judge(cfg: JudgeConfig, items: list[dict], model_path: str, progress=None,
-               trust_remote_code: bool = False) -> list[tuple[str, bool | None]]:
-    """(raw output, verdict) for each item {question, reference, response}, in one generation run."""
+               trust_remote_code: bool = False, first_index: int | None = None) -> list[tuple[str, bool | None]]:
+    """(raw output, verdict) for each item {question, reference, response}, in one generation run
+    (`first_index`: the items' position in a sharded list, see `stages.generation.generate`)."""
     from stages.generation import generate  # noqa: PLC0415
 
     if not items:
@@ -237,7 +238,8 @@ def _run_judge(cfg: JudgeConfig, items: list[dict], model_path: str, progress=No
     template = judge_template(cfg, model_path)
     prompts = [judge_prompt(template, it["question"], it["reference"], it["response"]) for it in items]
     gen_cfg = cfg.generation.model_copy(update={"n": 1})
-    outputs = generate(model_path, prompts, gen_cfg, progress=progress, trust_remote_code=trust_remote_code)
+    outputs = generate(model_path, prompts, gen_cfg, progress=progress, trust_remote_code=trust_remote_code,
+                       first_index=first_index)
     texts = [out[0]["text"] if out else "" for out in outputs]
     return [(text, parse_verdict(text)) for text in texts]
 
@@ -258,14 +260,31 @@ def _canary_rows(probes: list[dict], outputs: list[tuple[str, bool | None]]) -> 
             for p, (text, v) in zip(probes, outputs)]
 
 
+def judge_shard(job: dict, progress=None) -> list[tuple[str, bool | None]]:
+    """One shard of judging: plain data in (`cfg`, `items`, `model`, `first_index`, `trust_remote_code`), (output,
+    verdict) pairs out, so it runs wherever the pipeline puts it (see `stages.common.StageContext.map_shards`)."""
+    return _run_judge(JudgeConfig(**job["cfg"]), job["items"], job["model"], progress, job["trust_remote_code"],
+                      job["first_index"])
+
+
 def judge_with_guard(cfg: JudgeConfig, examples: list[dict], items: list[dict], model_path: str,
-                     progress=None, trust_remote_code: bool = False, seed: int = 0
+                     progress=None, trust_remote_code: bool = False, seed: int = 0,
+                     map_shards: Callable[..., list] | None = None, shards: int = 1
                      ) -> tuple[GuardResult, list[bool | None] | None]:
     """Show the judge the canaries built from `examples` ({question, reference}) and the real `items`
-    ({question, reference, response}) in one generation run (one engine start); the verdicts on
-    `items` are returned only when the guard passed (else None)."""
+    ({question, reference, response}) in one generation run per shard (one engine start each); the verdicts on
+    `items` are returned only when the guard passed (else None). The canaries and the items are cut into
+    `shards` pieces on batch boundaries and run by `map_shards` (default: one after another here); inputs are
+    seeded by position, so the verdicts do not depend on the cut."""
+    from stages.common import map_in_process  # noqa: PLC0415
+    from stages.generation import shard_bounds  # noqa: PLC0415
+
     probes = canary_items(examples, seed)
-    outputs = _run_judge(cfg, probes + list(items), model_path, progress, trust_remote_code)
+    everything = probes + list(items)
+    jobs = [{"cfg": cfg.model_dump(mode="json"), "items": everything[a:b], "model": model_path, "first_index": a,
+             "trust_remote_code": trust_remote_code}
+            for a, b in shard_bounds(len(everything), cfg.generation.batch_size, shards)]
+    outputs = [o for part in (map_shards or map_in_process)(judge_shard, jobs, progress=progress) for o in part]
     guard = _guard_result(_canary_rows(probes, outputs), cfg.guard_max_accept_share, cfg.guard_max_no_verdict_share)
     verdicts = [v for _, v in outputs[len(probes):]]
     return guard, (verdicts if guard.passed else None)

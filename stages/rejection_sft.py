@@ -208,7 +208,8 @@ def _apply_judge(cfg: Config, ctx: StageContext, results: list[dict], prompts_ds
     guard, verdicts = judge_with_guard(
         cfg.judge, examples, [_item(r) for r in need + cross], model, seed=ctx.seed,
         trust_remote_code=bool(getattr(ctx.pipeline, "trust_remote_code", False)),
-        progress=lambda f: ctx.reporter.progress(0.5 + 0.05 * f, "judging"))
+        progress=lambda f: ctx.reporter.progress(0.5 + 0.05 * f, "judging"), map_shards=ctx.map_shards,
+        shards=ctx.shards)
     stats["guard"] = {"passed": guard.passed, "accept_share": round(guard.accept_share, 3),
                       "accepted_by_canary": guard.accepted_by_canary, "message": guard.message}
     stats["guard_rows"] = guard.rows

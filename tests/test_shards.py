@@ -1,6 +1,7 @@
-"""Stage 3's sampling in shards (pipeline/shards.py): batch-aligned cuts (fast), the `shards:` settings and the
-version id (fast), and on the small tiny world with a real stage-2 stand-in: 3 shards in this process and 2
-shards as Prefect tasks on a local Ray give exactly the dataset of 1 shard, byte for byte (slow)."""
+"""Stage 3's sampling and judging in shards (pipeline/shards.py): batch-aligned cuts (fast), the `shards:` settings
+and the version id (fast), and on the small tiny world with a real stage-2 stand-in and its judge: 3 shards in this
+process and 2 shards as Prefect tasks on a local Ray give exactly the dataset and the verdicts of 1 shard, byte for
+byte (slow)."""
 
 from __future__ import annotations
 
@@ -111,8 +112,11 @@ def test_plan_names_missing_ray_packages(monkeypatch):
 # ------------------------------------------------------------------------------ byte for byte (slow)
 
 def _run(tmp_path, world, policy, shards: int, map_shards) -> tuple[dict[str, bytes], dict]:
-    """Stage 3 on 24 prompts x 4 samples in batches of 4 (6 batches), rules only, one SFT step."""
-    cfg = rejection_sft.Config(**{**SMALL, "trainer": {"max_steps": 1, "save_steps": 1000}}, judge=None,
+    """Stage 3 on 24 prompts x 4 samples in batches of 4 (6 batches); the judge (its canaries and 16 cross-checked
+    samples, in batches of 8) sharded as well; one SFT step."""
+    cfg = rejection_sft.Config(**{**SMALL, "trainer": {"max_steps": 1, "save_steps": 1000}},
+                               judge={"generation": {"backend": "transformers", "temperature": 0, "max_new_tokens": 64,
+                                                     "batch_size": 8}, "cross_check": 16, "guard_examples": 2},
                                generation={"backend": "transformers", "n": 4, "temperature": 0.8, "max_new_tokens": 48,
                                            "batch_size": 4})
     ctx = _ctx(tmp_path, world, policy)
@@ -133,6 +137,8 @@ def test_three_shards_in_process_give_the_dataset_of_one(tmp_path, small_world, 
     assert metrics["generation"]["shards"] == 3 and one_shard[1]["generation"]["shards"] == 1
     assert metrics["n_generated"] == 24 * 4 and metrics["n_reasoning"] >= 1
     assert files == one_shard[0]
+    assert metrics["judge"]["guard"] is not None and metrics["judge"]["cross_checked"] == 16
+    assert metrics["judge"] == one_shard[1]["judge"]  # the same verdicts, canaries and agreement
 
 
 @pytest.mark.slow
@@ -148,9 +154,12 @@ def test_two_shards_on_a_local_ray_give_the_dataset_of_one(tmp_path, small_world
     assert metrics["generation"]["shards"] == 2
     assert files["train.jsonl"] == one_shard[0]["train.jsonl"]
     assert files["rejected.jsonl"] == one_shard[0]["rejected.jsonl"]
-    # the shards were Prefect task runs, both completed
+    assert metrics["judge"] == one_shard[1]["judge"]
+    # the shards of sampling and of judging were Prefect task runs, all completed
     with get_client(sync_client=True) as client:
-        shard_runs = [t for t in client.read_task_runs() if t.name.startswith("rejection-sft-shard-")]
+        shard_runs = [t for t in client.read_task_runs() if t.name.startswith("rejection-sft-")]
     names = {t.name for t in shard_runs}
-    assert {"rejection-sft-shard-0", "rejection-sft-shard-1"} <= {n[:len("rejection-sft-shard-0")] for n in names}, names
+    for kind in ("generate", "judge"):
+        want = {f"rejection-sft-{kind}-shard-{i}" for i in (0, 1)}
+        assert want <= {n[:len(f"rejection-sft-{kind}-shard-0")] for n in names}, names
     assert all(t.state.is_completed() for t in shard_runs)
