@@ -8,7 +8,11 @@ local Ray started for the stage (and stopped after), or an existing cluster by `
 shard task reserves `num_cpus`/`num_gpus` (prefect-ray's `remote_options`), so on an 8-GPU node
 `{count: 8, runner: ray, num_gpus: 1}` runs one vLLM engine per GPU. The shards' Prefect task runs
 report to the same Prefect API as the pipeline: its URL is passed to the Ray workers, which must be
-able to reach it (a `127.0.0.1` API serves a local Ray only; use a shared server for a cluster)."""
+able to reach it (a `127.0.0.1` API serves a local Ray only; use a shared server for a cluster).
+
+Network: even a local Ray's processes (GCS, raylet, workers) listen on every interface, not only localhost
+(measured with Ray 2.60; `_node_ip_address` does not change that); Ray 2.60 turns token authentication on by
+default, which is what keeps others out. On a shared or untrusted network, firewall those ports."""
 
 from __future__ import annotations
 
