@@ -32,6 +32,7 @@ import functools
 import logging
 import math
 import re
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -97,6 +98,12 @@ class MonitorConfig(StageConfig):
     general_max_accuracy_drop: float | None = Field(
         0.15, ge=0, le=1, description="alarm when general accuracy (rows with a reference `answer`) falls more than "
                                       "this below the starting model's; None: off")
+    general_max_top_answer_rise: float | None = Field(
+        0.3, ge=0, le=1, description="alarm when the share of general prompts given the same (most common) final "
+                                     "answer rises more than this above the starting model's: one reply for every "
+                                     "prompt, whatever it asks, is what a policy that found a reward model's "
+                                     "favourite answer does (measured on smol: True/False replies -> all False); "
+                                     "None: off")
     stop_on_alarm: bool = Field(True, description="on an alarm, stop training and restore the last healthy weights")
 
 
@@ -152,12 +159,27 @@ def general_accuracy(texts: list[str], references: list[Any]) -> float | None:
     return sum(judged) / len(judged) if judged else None
 
 
+def top_answer_share(texts: list[str]) -> float | None:
+    """Share of `texts` whose final answer (the `<answer>` block, else the whole text; lower-cased words) is the most
+    common one; None for no texts. 1.0 means one answer for every prompt."""
+    if not texts:
+        return None
+    answers = []
+    for t in texts:
+        t = completion_text(t)
+        answers.append(" ".join(_WORD.findall(((extract_answer(t) if "<answer>" in t else t) or "").lower())))
+    return max(Counter(answers).values()) / len(answers)
+
+
 def general_signals(texts: list[str], lengths: list[int], references: list[Any] | None = None) -> dict[str, Any]:
-    """The general half's signals of one set of answers: distinct-2, repetition, mean length, accuracy."""
+    """The general half's signals of one set of answers: distinct-2, repetition, mean length, accuracy, and the
+    share of the most common final answer."""
+    share = top_answer_share(texts)
     return {"general_distinct_2": round(distinct_n(texts, 2), 4),
             "general_repetition": round(repetition_rate(texts, 3), 4),
             "general_mean_length": round(sum(lengths) / max(len(lengths), 1), 1),
-            "general_accuracy": general_accuracy(texts, references or [None] * len(texts))}
+            "general_accuracy": general_accuracy(texts, references or [None] * len(texts)),
+            "general_top_answer_share": None if share is None else round(share, 4)}
 
 
 def check_general_problems(cfg: MonitorConfig, row: dict[str, Any], start: dict[str, Any] | None) -> list[str]:
@@ -182,6 +204,11 @@ def check_general_problems(cfg: MonitorConfig, row: dict[str, Any], start: dict[
             and acc0 - acc > cfg.general_max_accuracy_drop):
         problems.append(f"general prompts: accuracy fell {acc0:.3f} -> {acc:.3f} (allowed drop "
                         f"{cfg.general_max_accuracy_drop})")
+    top, top0 = row.get("general_top_answer_share"), start.get("general_top_answer_share")
+    if (cfg.general_max_top_answer_rise is not None and top is not None and top0 is not None
+            and top - top0 > cfg.general_max_top_answer_rise):
+        problems.append(f"general prompts: {top:.0%} of them get the same answer (was {top0:.0%}; allowed rise "
+                        f"{cfg.general_max_top_answer_rise})")
     return problems
 
 

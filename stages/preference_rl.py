@@ -296,6 +296,7 @@ def mean_rm_score(model_path: str, rm, rm_tokenizer, prompts: list, cfg: Config,
     return {"mean": sum(scores) / n, "mean_helpfulness": sum(help_) / n, "mean_harmlessness": sum(harm) / n,
             "mean_tokens": sum(lengths) / n, "repetition": signals["general_repetition"],
             "distinct_2": signals["general_distinct_2"], "general_accuracy": signals["general_accuracy"],
+            "top_answer_share": signals["general_top_answer_share"],
             "scores": scores, "lengths": lengths,
             "samples": [{"prompt": p[-1]["content"] if not isinstance(p, str) else p, "answer": t,
                          "score": round(s, 3), "tokens": k}

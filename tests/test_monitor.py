@@ -150,14 +150,28 @@ def test_general_signals():
     sig = general_signals(["a b c d", "la la la la la"], [4, 5], ["z", None])
     assert sig == {"general_distinct_2": round(distinct_n(["a b c d", "la la la la la"]), 4),
                    "general_repetition": round(repetition_rate(["a b c d", "la la la la la"]), 4),
-                   "general_mean_length": 4.5, "general_accuracy": 0.0}
+                   "general_mean_length": 4.5, "general_accuracy": 0.0, "general_top_answer_share": 0.5}
     assert general_signals(["x"], [1])["general_accuracy"] is None
 
 
+@pytest.mark.parametrize("texts, expected", [
+    ([], None),
+    (["<think>a</think><answer>False</answer>"], 1.0),
+    (["<answer>False</answer>", "<answer>false</answer>", "<answer>True</answer>", "<answer>False.</answer>"], 0.75),
+    (["<answer>dry</answer>", "<answer>cold</answer>", "<answer>small</answer>", "<answer>down</answer>"], 0.25),
+    (["Hello there!", "hello, there", "Bye"], 2 / 3),                    # no answer block: the whole reply
+    (["<think>x</think><answer>yes</answer>", "<think>y</think><answer>Yes</answer>"], 1.0),
+])
+def test_top_answer_share(texts, expected):
+    from stages.monitor import top_answer_share
+
+    assert top_answer_share(texts) == (None if expected is None else pytest.approx(expected))
+
+
 G_START = {**START, "general_distinct_2": 0.8, "general_repetition": 0.05, "general_mean_length": 40.0,
-           "general_accuracy": 0.7}
+           "general_accuracy": 0.7, "general_top_answer_share": 0.5}
 G_HEALTHY = {**HEALTHY, "general_distinct_2": 0.8, "general_repetition": 0.05, "general_mean_length": 40.0,
-             "general_accuracy": 0.7}
+             "general_accuracy": 0.7, "general_top_answer_share": 0.5}
 
 
 @pytest.mark.parametrize("changes, cfg, fires", [
@@ -175,6 +189,11 @@ G_HEALTHY = {**HEALTHY, "general_distinct_2": 0.8, "general_repetition": 0.05, "
     ({"general_accuracy": 0.5}, {"general_max_accuracy_drop": None}, None),
     ({"general_accuracy": None}, {}, None),                       # no references: no accuracy rule
     ({"general_accuracy": 0.9}, {}, None),                        # rising is fine
+    ({"general_top_answer_share": 0.75}, {}, None),               # +0.25: within the allowed 0.3
+    ({"general_top_answer_share": 1.0}, {}, "general prompts: 100% of them get the same answer (was 50%"),
+    ({"general_top_answer_share": 1.0}, {"general_max_top_answer_rise": None}, None),
+    ({"general_top_answer_share": 0.1}, {}, None),                # more varied answers are fine
+    ({"general_top_answer_share": None}, {}, None),
 ])
 def test_general_problems(changes, cfg, fires):
     row = {**G_HEALTHY, **changes}
