@@ -107,11 +107,25 @@ def _worker(pool: str, env: dict, log: Path) -> subprocess.Popen:
                                 stdout=out, stderr=subprocess.STDOUT, start_new_session=True, cwd=str(ROOT))
 
 
+RUN_AND_READ = """
+import json, sys
+from prefect.client.orchestration import get_client
+from prefect.deployments import run_deployment
+run = run_deployment(sys.argv[1], timeout=1200, poll_interval=3)
+with get_client(sync_client=True) as client:
+    deployments = {d.id: d.name for d in client.read_deployments()}
+    runs = [{"deployment": deployments.get(r.deployment_id), "pool": r.work_pool_name, "state": r.state.type.value}
+            for r in client.read_flow_runs() if r.deployment_id]
+print(json.dumps({"state": run.state.type.value, "message": run.state.message, "runs": runs}))
+"""
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(1500)
-def test_a_process_pool_worker_runs_the_deployed_pipeline_and_a_stage_on_another_pool(tmp_path, server, capsys):
-    from prefect.client.orchestration import get_client
-    from prefect.deployments import run_deployment
+def test_a_process_pool_worker_runs_the_deployed_pipeline_and_a_stage_on_another_pool(tmp_path, server):
+    """As a user would: `r1flow deploy`, a worker per pool, `run_deployment`, `r1flow ls`, each its own process (the
+    test process never holds Prefect's deployment machinery: vLLM engines forked later in the suite inherit it)."""
+    import json
 
     shipped = yaml.safe_load((ROOT / "flows.yaml").read_text())
     smoke = deep_merge(shipped["pipelines"]["tiny"], SMOKE)
@@ -123,26 +137,29 @@ def test_a_process_pool_worker_runs_the_deployed_pipeline_and_a_stage_on_another
 
     env = {**os.environ, "PREFECT_API_URL": server, "PREFECT_WORKER_QUERY_SECONDS": "2",
            "PREFECT_WORKER_PREFETCH_SECONDS": "2"}
+    r1flow = [sys.executable, "-m", "pipeline.cli", "-c", str(cfg)]
+
+    def run(cmd, **kw):
+        return subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=str(ROOT), **kw)
+
     for pool in ("cpu", "gpu"):
-        subprocess.run([*PREFECT, "work-pool", "create", pool, "--type", "process"], env=env, check=True,
-                       capture_output=True)
-    assert main(["-c", str(cfg), "deploy", PIPELINE]) == 0
-    out = capsys.readouterr().out
+        assert run([*PREFECT, "work-pool", "create", pool, "--type", "process"]).returncode == 0
+    out = run([*r1flow, "deploy", PIPELINE])
+    assert out.returncode == 0, out.stderr[-2000:]
     for name in (f"r1flow-pipeline/{PIPELINE}", f"r1flow-stage/{PIPELINE}-world", f"r1flow-stage/{PIPELINE}-cold-start"):
-        assert name in out, out
+        assert name in out.stdout, out.stdout
 
     workers = [_worker(p, env, tmp_path / f"worker-{p}.log") for p in ("cpu", "gpu")]
     try:
-        run = run_deployment(f"r1flow-pipeline/{PIPELINE}", timeout=1200, poll_interval=3)
+        out = run([sys.executable, "-c", RUN_AND_READ, f"r1flow-pipeline/{PIPELINE}"], timeout=1300)
         logs = {p: (tmp_path / f"worker-{p}.log").read_text(errors="replace")[-3000:] for p in ("cpu", "gpu")}
-        assert run.state.is_completed(), (run.state, logs)
-        with get_client(sync_client=True) as client:
-            runs = client.read_flow_runs()
-            deployments = {d.id: d.name for d in client.read_deployments()}
-        by_deployment = {deployments.get(r.deployment_id): r for r in runs if r.deployment_id}
-        stage_run = by_deployment[f"{PIPELINE}-cold-start"]
-        assert stage_run.work_pool_name == "gpu" and stage_run.state.is_completed()
-        assert by_deployment[PIPELINE].work_pool_name == "cpu"
+        assert out.returncode == 0, (out.stderr[-2000:], logs)
+        result = json.loads(out.stdout.strip().splitlines()[-1])
+        assert result["state"] == "COMPLETED", (result, logs)
+        by_deployment = {r["deployment"]: r for r in result["runs"]}
+        assert by_deployment[f"{PIPELINE}-cold-start"] == {"deployment": f"{PIPELINE}-cold-start", "pool": "gpu",
+                                                           "state": "COMPLETED"}
+        assert by_deployment[PIPELINE]["pool"] == "cpu"
         assert f"{PIPELINE}-world" not in by_deployment  # the world ran inside the pipeline's own flow run
     finally:
         for w in workers:
@@ -153,12 +170,12 @@ def test_a_process_pool_worker_runs_the_deployed_pipeline_and_a_stage_on_another
             w.wait(timeout=30)
 
     # the versions written by the workers are the ones `r1flow ls` shows, and they chain
-    assert main(["-c", str(cfg), "ls"]) == 0
-    listing = capsys.readouterr().out
+    listing = run([*r1flow, "ls"])
+    assert listing.returncode == 0, listing.stderr[-2000:]
     from pipeline.store import Store
     store = Store(tmp_path / "shared-store")
     world, cold = store.list("world"), store.list("cold-start")
     assert len(world) == 1 and len(cold) == 1
     assert cold[0].parents["world"] == world[0].id
-    assert world[0].id in listing and cold[0].id in listing
+    assert world[0].id in listing.stdout and cold[0].id in listing.stdout
     assert cold[0].metrics["eval"]["format_rate"] >= 0  # evaluated on the gpu pool's worker, before registering
