@@ -18,7 +18,7 @@ from pipeline.config import load_config
 from pipeline.deploy import placed_elsewhere, pools, stage_deployment
 from stages.common import UserError
 from test_launch import ROOT, flows_with
-from test_pipeline import PIPELINE, SMOKE, deep_merge
+from test_pipeline import PIPELINE, SMOKE, deep_merge, prefect  # noqa: F401  (a real local server)
 
 PREFECT = [sys.executable, "-m", "prefect"]
 
@@ -84,23 +84,6 @@ def test_the_kubernetes_gpu_job_template_defines_every_variable_it_uses_and_rend
 
 # ------------------------------------------------------------------------------ a real server and workers (slow)
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    from prefect.settings import PREFECT_API_URL, temporary_settings
-
-    from pipeline import ui
-
-    port = ui.free_port()
-    proc = ui.start_server(port=port, home=tmp_path_factory.mktemp("prefect-home"))
-    try:
-        with temporary_settings({PREFECT_API_URL: ui.api_url(port)}):
-            yield ui.api_url(port)
-            from conftest import drain_prefect
-            drain_prefect()
-    finally:
-        ui.stop_server(proc)
-
-
 def _worker(pool: str, env: dict, log: Path) -> subprocess.Popen:
     with open(log, "wb") as out:
         return subprocess.Popen([*PREFECT, "worker", "start", "--pool", pool, "--type", "process"], env=env,
@@ -122,7 +105,7 @@ print(json.dumps({"state": run.state.type.value, "message": run.state.message, "
 
 @pytest.mark.slow
 @pytest.mark.timeout(1500)
-def test_a_process_pool_worker_runs_the_deployed_pipeline_and_a_stage_on_another_pool(tmp_path, server):
+def test_a_process_pool_worker_runs_the_deployed_pipeline_and_a_stage_on_another_pool(tmp_path, prefect):
     """As a user would: `r1flow deploy`, a worker per pool, `run_deployment`, `r1flow ls`, each its own process (the
     test process never holds Prefect's deployment machinery: vLLM engines forked later in the suite inherit it)."""
     import json
@@ -135,7 +118,9 @@ def test_a_process_pool_worker_runs_the_deployed_pipeline_and_a_stage_on_another
     cfg = tmp_path / "flows.yaml"
     cfg.write_text(yaml.safe_dump({"default": PIPELINE, "pipelines": {PIPELINE: smoke}}, sort_keys=False))
 
-    env = {**os.environ, "PREFECT_API_URL": server, "PREFECT_WORKER_QUERY_SECONDS": "2",
+    from pipeline import ui
+
+    env = {**os.environ, "PREFECT_API_URL": ui.api_url(prefect), "PREFECT_WORKER_QUERY_SECONDS": "2",
            "PREFECT_WORKER_PREFETCH_SECONDS": "2"}
     r1flow = [sys.executable, "-m", "pipeline.cli", "-c", str(cfg)]
 
